@@ -1,0 +1,26 @@
+"""reste-timm: binary neural networks trained with ReSTE, as timm models.
+
+``import reste_timm`` registers the models with timm.
+"""
+
+from . import models  # noqa: F401  (registers the models with timm)
+from .annealing import ExponentAnnealing, annealed_exponent
+from .estimators import (
+                         get_estimator,
+                         list_estimators,
+                         register_estimator,
+                         sign_approx,
+                         sign_ede,
+                         sign_reste,
+                         sign_ste,
+)
+from .indicators import estimating_error, gradient_stability
+from .layers import BinaryConv2d, binary_layers, set_exponent, set_progress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BinaryConv2d", "ExponentAnnealing", "annealed_exponent", "binary_layers", "estimating_error",
+    "get_estimator", "gradient_stability", "list_estimators", "register_estimator", "set_exponent",
+    "set_progress", "sign_approx", "sign_ede", "sign_reste", "sign_ste",
+]

@@ -1,0 +1,91 @@
+"""Pieces shared by the binary model files: the conv factory and the BN-before-classifier head."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import SelectAdaptivePool2d
+
+from ..layers import BinaryConv2d
+
+ConvFactory = Callable[..., nn.Module]
+
+# Normalisation of the reference code (spec section 6), the same numbers as timm's ImageNet defaults.
+RESTE_MEAN = (0.485, 0.456, 0.406)
+RESTE_STD = (0.229, 0.224, 0.225)
+HUB_ORG = "reste-timm"
+
+
+def make_conv_factory(binary: bool = True, estimator: str = "reste",
+                      binarize_input: bool = True) -> ConvFactory:
+    """Returns ``conv(in, out, kernel, stride=1, padding=0)`` for the layers that the paper binarizes.
+
+    Args:
+        binary: False builds ordinary ``nn.Conv2d`` (the full-precision baselines).
+        estimator: Registered estimator name for the binary convs.
+        binarize_input: False gives 1W/32A.
+    """
+    if not binary:
+        return partial(nn.Conv2d, bias=False)
+    return partial(BinaryConv2d, estimator=estimator, binarize_input=binarize_input, bias=False)
+
+
+class HeadBatchNorm(nn.BatchNorm1d):
+    """The reference's ``bn2 = BatchNorm1d(C)`` before the classifier, also usable on unpooled maps.
+
+    timm's API lets a user remove pooling (``reset_classifier(0, '')``); the per-channel affine
+    normalisation is the same on (N, C) and (N, C, H, W), so only the input check is relaxed.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected a 2D, 3D or 4D input, got {x.dim()}D")
+
+
+class BnHeadMixin:
+    """timm head API for models whose head is ``pool -> bn2 -> classifier`` (the reference ResNets).
+
+    Expects ``self.global_pool``, ``self.bn2``, ``self.num_features`` and the classifier attribute
+    named by ``self._classifier_name``.
+    """
+
+    _classifier_name = "fc"
+
+    def _build_head(self, num_classes: int, global_pool: str) -> None:
+        self.num_classes = num_classes
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        classifier = (nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0
+                      else nn.Identity())
+        setattr(self, self._classifier_name, classifier)
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False):
+        """The classifier module (or its attribute name)."""
+        name = self._classifier_name
+        return name if name_only else getattr(self, name)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replaces the classifier (and optionally the pooling); ``num_classes=0`` removes it."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        old = getattr(self, self._classifier_name)
+        self._build_head(num_classes, global_pool)
+        if isinstance(old, nn.Linear):
+            getattr(self, self._classifier_name).to(old.weight.device, old.weight.dtype)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, ``bn2``, then the classifier unless ``pre_logits``."""
+        x = self.bn2(self.global_pool(x))
+        return x if pre_logits else getattr(self, self._classifier_name)(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def hub_id(variant: str) -> str:
+    """The hub repository reserved for a registered model name with its tag."""
+    return f"{HUB_ORG}/{variant}"
