@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Train a binary timm model with ReSTE (or another estimator) through accelerate.
+
+    accelerate launch scripts/train.py --config configs/cifar10/resnet20_1w1a_reste.yaml
+    accelerate launch --multi_gpu --num_processes 8 scripts/train.py --config CONFIG --data-path DIR
+    accelerate launch scripts/train.py --config CONFIG --resume
+
+The same script runs on CPU, one GPU, many GPUs and many nodes; ``main()`` only wires the library
+pieces of ``reste_timm.training`` together.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.data import resolve_data_config
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import reste_timm  # noqa: F401  (registers the models)
+from reste_timm.annealing import ExponentAnnealing
+from reste_timm.config import parse_config
+from reste_timm.data import (
+    DataError,
+    EpochShuffleSampler,
+    ImageTransform,
+    build_transforms,
+    collate_images,
+    default_recipe,
+    load_splits,
+)
+from reste_timm.device_data import DeviceImageLoader
+from reste_timm.hub import push_to_hub, save_pretrained
+from reste_timm.training import (
+    MetricsLog,
+    NonFiniteLossError,
+    TrainState,
+    build_lr_scheduler,
+    build_model,
+    build_optimizer,
+    evaluate,
+    latest_checkpoint,
+    save_checkpoint,
+    train_one_epoch,
+)
+
+
+def make_accelerator(args) -> Accelerator:
+    tracker = args.report_to if args.report_to != "none" and importlib.util.find_spec("tensorboard") else None
+    # accelerate picks gloo (MULTI_CPU) for a multi-process launch only when told it runs on CPU.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=args.grad_accum,
+                       mixed_precision=args.mixed_precision, log_with=tracker, project_dir=args.output_dir)
+
+
+def make_model(args, num_classes: int):
+    model = build_model(args.model, num_classes, args.estimator, init=args.init)
+    if args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_loaders(args, splits, data_cfg, accelerator):
+    """Train loader (device-resident or ``datasets`` + DataLoader) and the validation loader."""
+    recipe = args.recipe or default_recipe(args.dataset, data_cfg["input_size"])
+    train_tf, val_tf = build_transforms(recipe, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"],
+                                        data_cfg.get("crop_pct", 0.875))
+    cols = (splits.image_column, splits.label_column, splits.num_classes)
+    splits.val.set_transform(ImageTransform(val_tf, *cols, skip_bad=args.skip_bad_images))
+    val = DataLoader(splits.val, batch_size=args.val_batch_size, num_workers=args.workers,
+                     collate_fn=collate_images)
+    if args.data_on_device and recipe in ("cifar", "digits"):
+        train = DeviceImageLoader(splits, args.batch_size, accelerator.device, data_cfg["mean"],
+                                  data_cfg["std"], size=data_cfg["input_size"][-1], flip=recipe == "cifar",
+                                  seed=args.seed, rank=accelerator.process_index,
+                                  world_size=accelerator.num_processes)
+        return train, accelerator.prepare(val)
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+        ds = splits.train.shuffle(seed=args.seed, buffer_size=10_000)
+        ds = split_dataset_by_node(ds, accelerator.process_index, accelerator.num_processes)
+        train = DataLoader(ds.map(ImageTransform(train_tf, *cols, args.skip_bad_images), batched=True),
+                           batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_images)
+        return train, accelerator.prepare(val)
+    splits.train.set_transform(ImageTransform(train_tf, *cols, skip_bad=args.skip_bad_images))
+    sampler = EpochShuffleSampler(len(splits.train), args.seed)
+    train = DataLoader(splits.train, batch_size=args.batch_size, sampler=sampler, drop_last=False,
+                       num_workers=args.workers, collate_fn=collate_images)
+    return accelerator.prepare(train), accelerator.prepare(val)
+
+
+def epoch_batches(loader, accelerator, epoch: int, skip: int):
+    """The loader for one epoch, skipping ``skip`` batches already done (mid-epoch resume)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if skip and isinstance(loader, DeviceImageLoader):
+        loader.skip = skip
+    elif skip:
+        return accelerator.skip_first_batches(loader, skip)
+    return loader
+
+
+def write_config(args, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
+
+
+def resume_state(args, accelerator, checkpoints: Path) -> bool:
+    """Loads the latest complete checkpoint when ``--resume``; False when starting fresh."""
+    if not args.resume:
+        return False
+    ckpt = latest_checkpoint(checkpoints)
+    if ckpt is None:
+        accelerator.print(f"--resume: no checkpoint under {checkpoints}, starting from scratch")
+        return False
+    accelerator.load_state(str(ckpt))
+    accelerator.print(f"resumed from {ckpt}")
+    return True
+
+
+def log_epoch(accelerator, metrics_log, record) -> None:
+    if accelerator.is_main_process:
+        metrics_log.write(record)
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["epoch"])
+    accelerator.print(json.dumps(record))
+
+
+def export_weights(args, accelerator, model, folder: Path, metrics) -> None:
+    if accelerator.is_main_process:
+        save_pretrained(accelerator.unwrap_model(model), folder, metrics=metrics, train_config=vars(args),
+                        dataset=args.dataset)
+    accelerator.wait_for_everyone()
+
+
+def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir):
+    train_loader, val_loader = loaders
+    checkpoints = output_dir / "checkpoints"
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_epoch=state.epoch if args.resume else None)
+    last = state.epoch + args.stop_after_epochs if args.stop_after_epochs else args.epochs
+    for epoch in range(state.epoch, min(last, args.epochs)):
+        if state.step_in_epoch == 0:
+            annealing.start_epoch(epoch)
+        batches = epoch_batches(train_loader, accelerator, epoch, state.step_in_epoch)
+        bar = tqdm(total=len(train_loader), initial=state.step_in_epoch, desc=f"epoch {epoch}",
+                   disable=not accelerator.is_local_main_process, leave=False)
+
+        def on_step():
+            if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+                name = f"step_{state.global_step:08d}"
+                save_checkpoint(accelerator, checkpoints, name, args.keep_checkpoints)
+
+        lr, o = optimizer.param_groups[0]["lr"], annealing.exponent
+        train = train_one_epoch(model, batches, optimizer, accelerator, annealing, state,
+                                channels_last=args.channels_last, skip_nonfinite=args.skip_nonfinite,
+                                cal_ind=args.cal_ind, o_end=args.o_end, max_steps=args.max_train_steps,
+                                on_step=on_step, progress=bar)
+        bar.close()
+        val = evaluate(model, val_loader, accelerator, args.channels_last)
+        scheduler.step()
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        record = dict(epoch=epoch, lr=lr, o=o, **train, **val, world_size=accelerator.num_processes,
+                      skipped_nonfinite=state.skipped_nonfinite, skipped_images=state.skipped_images)
+        if args.cal_ind:
+            state.est_error_sum += train["estimating_error"]
+            state.stability_sum += train["gradient_stability"] or 0.0
+            state.ind_epochs += 1
+            record.update(mean_estimating_error=state.est_error_sum / state.ind_epochs,
+                          sum_gradient_stability=state.stability_sum)
+        if val["val_top1"] > state.best_top1:
+            state.best_top1, state.best_epoch = val["val_top1"], epoch
+            export_weights(args, accelerator, model, output_dir / "best", {"top1": val["val_top1"],
+                                                                           "top5": val["val_top5"]})
+        log_epoch(accelerator, metrics_log, record)
+        save_checkpoint(accelerator, checkpoints, f"epoch_{epoch + 1:05d}", args.keep_checkpoints)
+
+
+
+def finish(args, accelerator, model, val_loader, output_dir: Path, state) -> None:
+    """Saves the final weights, reloads them through timm's ``local-dir:`` and reports their accuracy."""
+    final = output_dir / "final"
+    val = evaluate(model, val_loader, accelerator, args.channels_last)
+    export_weights(args, accelerator, model, final, {"top1": val["val_top1"], "top5": val["val_top5"]})
+    reloaded = timm.create_model(f"local-dir:{final}", pretrained=True).to(accelerator.device)
+    check = evaluate(accelerator.prepare(reloaded), val_loader, accelerator)
+    summary = dict(final_top1=check["val_top1"], final_top5=check["val_top5"], best_top1=state.best_top1,
+                   best_epoch=state.best_epoch, weights=str(final), best_weights=str(output_dir / "best"))
+    if accelerator.is_main_process:
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        if args.push_to_hub:
+            push_to_hub(accelerator.unwrap_model(model), args.push_to_hub,
+                        metrics={"top1": check["val_top1"], "top5": check["val_top5"]},
+                        train_config=vars(args), dataset=args.dataset)
+    accelerator.print(f"final test top-1 {check['val_top1']:.2f}% (top-5 {check['val_top5']:.2f}%) "
+                      f"of the weights reloaded from local-dir:{final}; best {state.best_top1:.2f}% at epoch "
+                      f"{state.best_epoch} in {output_dir / 'best'}")
+
+
+def main(argv=None) -> int:
+    args = parse_config(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    try:
+        splits = load_splits(args.dataset, args.data_path, args.image_column, args.label_column,
+                             args.train_split, args.val_split, args.streaming)
+    except DataError as e:
+        accelerator.print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    model = make_model(args, args.num_classes or splits.num_classes)
+    data_cfg = resolve_data_config(model=model)
+    loaders = make_loaders(args, splits, data_cfg, accelerator)
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, args.epochs, args.warmup_epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if args.compile:
+        model = torch.compile(model)
+    annealing = ExponentAnnealing(model, args.epochs, args.o_end, len(loaders[0]), args.anneal == "step")
+    state = TrainState()
+    for obj in (scheduler, annealing, state):
+        accelerator.register_for_checkpointing(obj)
+    if accelerator.is_main_process:
+        write_config(args, output_dir)
+    accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in vars(args).items()})
+    resume_state(args, accelerator, output_dir / "checkpoints")
+    try:
+        run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir)
+    except NonFiniteLossError as e:
+        accelerator.print(f"train.py: error: {e}; the last good checkpoint is kept", file=sys.stderr)
+        return 1
+    if state.epoch >= args.epochs:
+        finish(args, accelerator, model, loaders[1], output_dir, state)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
