@@ -1,0 +1,371 @@
+"""Saving, loading through timm (local-dir:, hf-hub: via the Hub cache, registry name) and bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import httpx2
+import huggingface_hub
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import _http as hf_http
+
+import reste_timm  # noqa: F401  (registers the models)
+from reste_timm.hub import (
+    CheckpointError,
+    check_folder,
+    load_model,
+    push_to_hub,
+    save_pretrained,
+    strict_pretrained_filter,
+)
+
+MODEL = "resnet20_1w1a_reste"
+REPO = "my-org/resnet20-ste"
+REGISTERED_REPO = "reste-timm/resnet20_1w1a_reste.cifar10"  # the registered cfg's hf_hub_id
+METRICS = {"top1": 86.75, "top5": 99.41}
+FILES = {"config.json", "model.safetensors", "README.md"}
+
+
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Gives BN statistics non-default values, so that a lost buffer would show in the outputs."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.num_batches_tracked.fill_(123)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    return _trained_like(timm.create_model(MODEL, estimator="ste"))
+
+
+@pytest.fixture(scope="module")
+def folder(source, tmp_path_factory):
+    return save_pretrained(source, tmp_path_factory.mktemp("saved") / "r20", metrics=METRICS,
+                           train_config={"epochs": 1000, "lr": 0.1, "estimator": "ste"})
+
+
+@pytest.fixture
+def images():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_same(model, source, images, skip=()):
+    a, b = model.state_dict(), source.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        if not key.startswith(skip):
+            assert torch.equal(a[key], b[key]), key
+    if not skip:
+        with torch.no_grad():
+            assert torch.equal(model.eval()(images), source.eval()(images))
+
+
+def test_local_dir_round_trip(source, folder, images):
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    _assert_same(model, source, images)
+    layer = model.layer2[0].conv1
+    assert (layer.estimator, layer.binarize_input) == ("ste", True)  # from config.json, not passed
+    assert check_folder(folder)["model_args"]["estimator"] == "ste"
+
+
+def test_folder_holds_no_pickle(folder):
+    assert {p.name for p in folder.iterdir()} == FILES  # no temp file left over either
+    for path in folder.iterdir():
+        head = path.read_bytes()[:8]
+        assert not head.startswith(b"\x80"), path  # pickle protocol 2+
+        assert not head.startswith(b"PK\x03\x04"), path  # torch.save zip archive
+    header_len = int.from_bytes(folder.joinpath("model.safetensors").read_bytes()[:8], "little")
+    header = json.loads(folder.joinpath("model.safetensors").read_bytes()[8:8 + header_len])
+    assert header["__metadata__"] == {"format": "pt"}
+
+
+def test_config_alone_rebuilds_the_model(source, folder):
+    config = json.loads((folder / "config.json").read_text())
+    assert {"architecture", "num_classes", "num_features", "pretrained_cfg", "model_args"} <= set(config)
+    assert config["model_args"]["estimator"] == "ste" and config["model_args"]["binarize_input"] is True
+    model = timm.create_model(config["architecture"], **config["model_args"])
+    assert model.layer1[0].conv1.estimator == "ste"
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    model.load_state_dict(weights, strict=True)
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in source.state_dict().items()}
+
+
+def test_settings_are_read_from_the_layers(tmp_path, images):
+    # Built without timm.create_model: no recorded kwargs, no pretrained_cfg; the layers are the truth.
+    source = _trained_like(reste_timm.models.CifarResNet(estimator="ste", binarize_input=False))
+    with pytest.raises(ValueError, match="model_name"):
+        save_pretrained(source, tmp_path / "nameless")
+    save_pretrained(source, tmp_path / "r20", model_name=f"{MODEL}.cifar10")
+    assert not hasattr(source, "pretrained_cfg")  # the export cfg was only lent to timm's writer
+    model = timm.create_model(f"local-dir:{tmp_path / 'r20'}", pretrained=True)
+    assert {(m.estimator, m.binarize_input) for m in reste_timm.binary_layers(model)} == {("ste", False)}
+    _assert_same(model, source, images)
+
+
+def test_fp_model_round_trip_has_no_estimator(tmp_path, images):
+    source = _trained_like(timm.create_model("resnet20_cifar_fp"))
+    save_pretrained(source, tmp_path)
+    assert "estimator" not in json.loads((tmp_path / "config.json").read_text())["model_args"]
+    _assert_same(timm.create_model(f"local-dir:{tmp_path}", pretrained=True), source, images)
+
+
+def test_model_card(folder):
+    text = (folder / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "timm"
+    assert {"image-classification", "timm", "binary-neural-network", "reste"} <= set(card.data.tags)
+    assert card.data.datasets == ["cifar10"] and card.data.license == "apache-2.0"
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == \
+        {"Top-1 accuracy": 86.75, "Top-5 accuracy": 99.41}
+    assert "pip install reste-timm" in text
+    # the plugin import must come before create_model, or the Hub's generic timm snippet fails
+    assert text.index("import reste_timm") < text.index(f'timm.create_model("hf-hub:{REGISTERED_REPO}"')
+    assert "lr: 0.1" in text and "@inproceedings{wu2023estimator" in text and "86.75" in text
+
+
+@pytest.mark.parametrize("name,classifier", [(MODEL, "linear"), ("vgg_small_fp", "fc")])
+def test_num_classes_replaces_only_the_classifier(name, classifier, tmp_path, source):
+    src = source if name == MODEL else _trained_like(timm.create_model(name))
+    save_pretrained(src, tmp_path)
+    for model in (timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=5),
+                  load_model(f"local-dir:{tmp_path}", num_classes=5)):
+        head = model.get_submodule(classifier)
+        assert head.weight.shape == (5, src.get_submodule(classifier).in_features)
+        assert model.num_classes == 5
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
+        assert state and all(torch.equal(v, src.state_dict()[k]) for k, v in state.items())
+
+
+def test_in_chans_adapted_as_timm_does(source, folder):
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True, in_chans=1)
+    assert torch.allclose(model.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.linear.weight, source.linear.weight)
+
+
+def test_pretrained_cfg_overlay_file(source, folder, images):
+    model = timm.create_model(MODEL, pretrained=True, estimator="ste",
+                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")))
+    _assert_same(model, source, images)
+
+
+# ------------------------------------------------------------------------------------------- Hub cache
+
+class FakeHub:
+    """Test double for the HTTP layer only: answers as huggingface.co's ``resolve`` endpoint does.
+
+    huggingface_hub's real ``hf_hub_download`` runs on top of it and fills a real cache.
+    """
+
+    def __init__(self):
+        self.files, self.requests = {}, []
+
+    def add(self, repo_id: str, folder: Path) -> None:
+        self.files[repo_id] = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def commit(self, repo_id: str) -> str:
+        return hashlib.sha1(repo_id.encode()).hexdigest()
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(str(request.url))
+        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", request.url.path)
+        if not match or match[1] not in self.files:
+            return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"})
+        headers = {"X-Repo-Commit": self.commit(match[1])}
+        data = self.files[match[1]].get(match[3])
+        if data is None:
+            return httpx2.Response(404, headers={**headers, "X-Error-Code": "EntryNotFound"})
+        headers.update({"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+        return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else data)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, folder):
+    """A Hub cache in tmp_path filled by real downloads from :class:`FakeHub`, then HF_HUB_OFFLINE=1."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once at import by huggingface_hub
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)  # never send a real token
+    fake = FakeHub()
+    for repo in (REPO, REGISTERED_REPO):
+        fake.add(repo, folder)
+    # the real request hook (it enforces offline mode) with a mock transport instead of the network;
+    # hf_http is private, but huggingface_hub has no public way to swap only the transport
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(
+        transport=httpx2.MockTransport(fake), event_hooks={"request": [hf_http.hf_request_event_hook]},
+        follow_redirects=True))
+    try:
+        for repo in (REPO, REGISTERED_REPO):
+            for name in ("config.json", "model.safetensors"):
+                huggingface_hub.hf_hub_download(repo, name)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        fake.requests.clear()
+        yield fake, cache
+    finally:
+        huggingface_hub.set_client_factory(hf_http.default_client_factory)
+
+
+def test_hub_cache_layout(hub):
+    fake, cache = hub
+    snapshot = cache / "models--my-org--resnet20-ste" / "snapshots" / fake.commit(REPO)
+    assert {p.name for p in snapshot.iterdir()} == {"config.json", "model.safetensors"}
+    assert (cache / "models--my-org--resnet20-ste" / "refs" / "main").read_text() == fake.commit(REPO)
+
+
+def test_hf_hub_spec_loads_offline_from_cache(hub, source, images):
+    fake, _ = hub
+    for model in (timm.create_model(f"hf-hub:{REPO}", pretrained=True), load_model(f"hf-hub:{REPO}")):
+        _assert_same(model, source, images)
+        assert model.layer3[0].conv2.estimator == "ste"
+    assert fake.requests == []  # offline: everything came from the cache
+
+
+def test_registered_name_loads_its_hf_hub_id_from_cache(hub, source, images):
+    fake, _ = hub
+    model = timm.create_model(MODEL, pretrained=True)
+    _assert_same(model, source, images)  # estimator only changes gradients: outputs are equal
+    _assert_same(load_model(MODEL, num_classes=3), source, images, skip=("linear.",))
+    assert fake.requests == []
+
+
+def test_offline_without_cache_names_the_file(hub):
+    with pytest.raises(CheckpointError, match=r"hf-hub:nobody/missing/model\.safetensors"):
+        load_model("hf-hub:nobody/missing")
+
+
+def test_push_to_hub_uploads_exactly_the_saved_files(source, folder, tmp_path, monkeypatch):
+    # Test double for HfApi's network methods only; the folder is built by the real save_pretrained.
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = dict(repo_id=repo_id, **kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        calls["create_branch"] = dict(repo_id=repo_id, **kwargs)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        calls["upload_folder"] = dict(repo_id=repo_id, files=files, **kwargs)
+        return "commit-info"
+
+    for name, fn in [("create_repo", create_repo), ("create_branch", create_branch),
+                     ("upload_folder", upload_folder)]:
+        monkeypatch.setattr(huggingface_hub.HfApi, name, fn)
+    out = push_to_hub(source, REPO, metrics=METRICS, private=True, revision="v1", commit_message="msg")
+    assert out == "commit-info"
+    assert calls["create_repo"]["exist_ok"] is True and calls["create_repo"]["private"] is True
+    assert calls["create_branch"]["branch"] == "v1"
+    upload = calls["upload_folder"]
+    assert (upload["repo_id"], upload["revision"], upload["commit_message"]) == (REPO, "v1", "msg")
+    assert set(upload["files"]) == FILES
+    for name in ("model.safetensors", "config.json"):
+        assert upload["files"][name] == (folder / name).read_bytes(), name
+    assert f'timm.create_model("hf-hub:{REPO}"'.encode() in upload["files"]["README.md"]
+
+
+# ------------------------------------------------------------------------------------------- bad files
+
+def _rewrite_weights(folder: Path, edit) -> None:
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    edit(weights)
+    safetensors.torch.save_file(weights, folder / "model.safetensors")
+
+
+def _truncate(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+BAD = {
+    "truncated": (_truncate, "model.safetensors", None),
+    "unknown_arch": (_edit_config(architecture="resnet99_nope"), "config.json", "architecture"),
+    "bad_estimator": (_edit_config(model_args={"estimator": "nope"}), "config.json", "model_args"),
+    "missing_key": (lambda f: _rewrite_weights(f, lambda w: w.pop("layer2.1.conv1.weight")),
+                    "model.safetensors", "layer2.1.conv1.weight"),
+    "extra_key": (lambda f: _rewrite_weights(f, lambda w: w.update(extra=torch.zeros(1))),
+                  "model.safetensors", "extra"),
+    "wrong_shape": (lambda f: _rewrite_weights(f, lambda w: w.update({"bn1.weight": torch.ones(8)})),
+                    "model.safetensors", "bn1.weight"),
+    "no_config": (lambda f: (f / "config.json").unlink(), "config.json", None),
+    "bad_json": (lambda f: (f / "config.json").write_text("{not json"), "config.json", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_files_name_file_and_key(case, folder, tmp_path):
+    corrupt, filename, key = BAD[case]
+    bad = shutil.copytree(folder, tmp_path / "bad")
+    corrupt(bad)
+    spec = f"local-dir:{bad}"
+    for call in (lambda: load_model(spec), lambda: load_model(spec, num_classes=5),
+                 lambda: check_folder(bad)):
+        with pytest.raises(CheckpointError) as info:
+            call()
+        assert Path(info.value.file) == bad / filename and info.value.key == key
+        assert str(bad / filename) in str(info.value) and (key is None or key in str(info.value))
+
+
+def test_bad_overlay_file_names_it(folder, tmp_path):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=re.escape(str(bad))):
+        load_model(MODEL, pretrained_cfg_overlay=dict(file=str(bad)))
+
+
+def test_interrupted_save_leaves_no_loadable_folder(source, folder, tmp_path, monkeypatch):
+    target = shutil.copytree(folder, tmp_path / "r20")
+    old_weights = (target / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(source, target)
+    assert (target / "model.safetensors").read_bytes() == old_weights  # never replaced by half a file
+    assert {p.name for p in target.iterdir()} == FILES - {"config.json"}  # no temp file either
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(f"local-dir:{target}")
+
+
+def test_strict_filter_refuses_what_timm_would_load_partially(source, folder, tmp_path):
+    bad = shutil.copytree(folder, tmp_path / "bad")
+    _rewrite_weights(bad, lambda w: w.pop("layer2.1.conv1.weight"))
+    overlay = dict(file=str(bad / "model.safetensors"))
+    # timm alone: the classifier is being replaced, so it loads non-strictly and only logs the hole
+    model = timm.create_model(MODEL, num_classes=5, pretrained_cfg_overlay=overlay)
+    timm.models.load_pretrained(model, num_classes=5)
+    with pytest.raises(CheckpointError) as info:
+        timm.models.load_pretrained(model, num_classes=5, filter_fn=strict_pretrained_filter)
+    assert (info.value.file, info.value.key) == (overlay["file"], "layer2.1.conv1.weight")
+    # a good file still adapts: new classifier, one input channel
+    model = timm.create_model(MODEL, num_classes=5, in_chans=1,
+                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")))
+    timm.models.load_pretrained(model, num_classes=5, in_chans=1, filter_fn=strict_pretrained_filter)
+    assert torch.equal(model.layer2[1].conv1.weight, source.layer2[1].conv1.weight)
