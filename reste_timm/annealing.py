@@ -12,8 +12,23 @@ from .layers import set_exponent, set_progress
 __all__ = ["ExponentAnnealing", "annealed_exponent"]
 
 
+def _check_schedule(epochs: int, o_end: float) -> None:
+    if isinstance(epochs, bool) or not float(epochs).is_integer() or epochs <= 0:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (math.isfinite(o_end) and o_end >= 1.0):
+        raise ValueError(f"o_end must be a finite number >= 1, got {o_end!r}")
+
+
 def annealed_exponent(epoch: float, epochs: int, o_end: float = 3.0) -> float:
-    """``o(e) = 1 + (o_end - 1) * (1 - cos(pi/2 * e / E))`` at a (possibly fractional) epoch ``e``."""
+    """``o(e) = 1 + (o_end - 1) * (1 - cos(pi/2 * e / E))`` at a (possibly fractional) epoch ``e``.
+
+    Raises:
+        ValueError: ``epochs`` is not a positive integer, ``o_end`` is not a finite number ``>= 1``,
+            or ``epoch`` is outside ``[0, epochs]`` (beyond ``E`` the curve would fall back to 1).
+    """
+    _check_schedule(epochs, o_end)
+    if not 0.0 <= epoch <= epochs:
+        raise ValueError(f"epoch must be in [0, {epochs}], got {epoch!r}")
     return 1.0 + (o_end - 1.0) * (1.0 - math.cos(math.pi / 2.0 * epoch / epochs))
 
 
@@ -35,21 +50,21 @@ class ExponentAnnealing:
 
     def __init__(self, model: nn.Module, epochs: int, o_end: float = 3.0,
                  steps_per_epoch: int = 1, per_step: bool = False):
-        if epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {epochs}")
-        if not o_end >= 1.0:
-            raise ValueError(f"o_end must be >= 1, got {o_end}")
+        _check_schedule(epochs, o_end)
+        if isinstance(steps_per_epoch, bool) or int(steps_per_epoch) != steps_per_epoch \
+                or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
         self.model = model
         self.epochs = int(epochs)
         self.o_end = float(o_end)
-        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.steps_per_epoch = int(steps_per_epoch)
         self.per_step = bool(per_step)
         self.position = 0.0  # fractional epoch of the last update
         self.exponent = 1.0
 
     def _apply(self, position: float) -> float:
-        self.position = float(position)
-        self.exponent = annealed_exponent(self.position, self.epochs, self.o_end)
+        exponent = annealed_exponent(float(position), self.epochs, self.o_end)  # validates first
+        self.position, self.exponent = float(position), exponent
         set_exponent(self.model, self.exponent)
         set_progress(self.model, self.position / self.epochs)
         return self.exponent
@@ -59,9 +74,14 @@ class ExponentAnnealing:
         return self._apply(epoch)
 
     def step(self, epoch: int, step_in_epoch: int) -> float:
-        """Call after every optimizer step; moves ``o`` only when ``per_step``."""
+        """Call after every optimizer step; moves ``o`` only when ``per_step``.
+
+        The position within the epoch is capped at the epoch's end, so a loader with more steps than
+        ``steps_per_epoch`` holds ``o`` there instead of running past the schedule.
+        """
         if self.per_step:
-            return self._apply(epoch + (step_in_epoch + 1) / self.steps_per_epoch)
+            within = min((step_in_epoch + 1) / self.steps_per_epoch, 1.0)
+            return self._apply(epoch + within)
         return self.exponent
 
     def state_dict(self) -> Dict[str, Any]:
@@ -69,6 +89,9 @@ class ExponentAnnealing:
                 "per_step": self.per_step, "position": self.position}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores the schedule and its position, and sets that ``o`` on the model's layers."""
+        _check_schedule(state["epochs"], state["o_end"])
+        annealed_exponent(float(state["position"]), state["epochs"], state["o_end"])
         self.epochs = int(state["epochs"])
         self.o_end = float(state["o_end"])
         self.steps_per_epoch = int(state["steps_per_epoch"])

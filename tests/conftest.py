@@ -39,3 +39,15 @@ def run_script(args, timeout=300, env=None, cwd=ROOT) -> subprocess.CompletedPro
                     OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, *args] if str(args[0]).endswith(".py") else list(args)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for the whole session: on a 2-core machine shared with subprocess runs,
+    two OpenMP workers mostly wait on each other, and a fixed count avoids torch.compile recompiles."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 
 from ..layers import BinaryConv2d
@@ -48,19 +49,35 @@ class HeadBatchNorm(nn.BatchNorm1d):
 class BnHeadMixin:
     """timm head API for models whose head is ``pool -> bn2 -> classifier`` (the reference ResNets).
 
-    Expects ``self.global_pool``, ``self.bn2``, ``self.num_features`` and the classifier attribute
-    named by ``self._classifier_name``.
+    The model sets ``self.num_features`` and calls :meth:`_build_head`, which creates
+    ``self.global_pool``, ``self.bn2`` and the classifier attribute named by ``self._classifier_name``.
     """
 
     _classifier_name = "fc"
 
-    def _build_head(self, num_classes: int, global_pool: str) -> None:
+    def _build_head(self, num_classes: int, global_pool: str, bn_first: bool = True) -> None:
+        """Builds (or rebuilds) pooling, ``bn2`` and the classifier.
+
+        ``bn2`` has ``head_hidden_size`` features, so a pooling that concatenates (``catavgmax``)
+        gets a matching one; an existing ``bn2`` of the right size is kept (with its statistics).
+        ``bn_first`` only orders the modules (hence the state-dict keys and the parameters) as the
+        reference does: ``bn2`` before the classifier, except in the CIFAR ResNet-18.
+        """
         self.num_classes = num_classes
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        old_bn = getattr(self, "bn2", None)
+        if bn_first:
+            self._build_head_bn(old_bn)
         classifier = (nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0
                       else nn.Identity())
         setattr(self, self._classifier_name, classifier)
+        if not bn_first:
+            self._build_head_bn(old_bn)
+
+    def _build_head_bn(self, old_bn: Optional[nn.Module]) -> None:
+        if old_bn is None or old_bn.num_features != self.head_hidden_size:
+            self.bn2 = HeadBatchNorm(self.head_hidden_size)
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False):
@@ -72,14 +89,17 @@ class BnHeadMixin:
         """Replaces the classifier (and optionally the pooling); ``num_classes=0`` removes it."""
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        old = getattr(self, self._classifier_name)
+        anchor = self.bn2.weight  # always there: the new layers follow its device and dtype
         self._build_head(num_classes, global_pool)
-        if isinstance(old, nn.Linear):
-            getattr(self, self._classifier_name).to(old.weight.device, old.weight.dtype)
+        getattr(self, self._classifier_name).to(anchor.device, anchor.dtype)
+        self.bn2.to(anchor.device, anchor.dtype)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, ``bn2``, then the classifier unless ``pre_logits``."""
+        """Pool, ``bn2``, dropout (``drop_rate``, 0 in the paper), then the classifier unless
+        ``pre_logits``."""
         x = self.bn2(self.global_pool(x))
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else getattr(self, self._classifier_name)(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

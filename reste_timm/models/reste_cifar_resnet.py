@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, HeadBatchNorm, hub_id, make_conv_factory
+from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, hub_id, make_conv_factory
 
 __all__ = ["CifarResNet"]
 
@@ -79,6 +79,9 @@ class CifarResNet(BnHeadMixin, nn.Module):
         binary: False gives the full-precision baseline.
         estimator: Sign estimator of the binary convs.
         binarize_input: False gives 1W/32A.
+        head_bn_first: Registers ``bn2`` before ``linear`` (the reference's order of state-dict keys
+            and parameters for ResNet-20; its ResNet-18 has ``linear`` first). No effect on the output.
+        drop_rate: Dropout before the classifier (timm's ``drop_rate``; 0, the paper's, is a no-op).
     """
 
     _classifier_name = "linear"
@@ -86,8 +89,10 @@ class CifarResNet(BnHeadMixin, nn.Module):
     def __init__(self, layers: Sequence[int] = (3, 3, 3), widths: Sequence[int] = (16, 32, 64),
                  block: str = "basic", shortcut: str = "A", init: str = "kaiming",
                  num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
-                 binary: bool = True, estimator: str = "reste", binarize_input: bool = True):
+                 binary: bool = True, estimator: str = "reste", binarize_input: bool = True,
+                 head_bn_first: bool = True, drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = float(drop_rate)
         conv_layer = make_conv_factory(binary, estimator, binarize_input)
         block_cls = {"basic": BasicBlock, "bireal": BiRealBlock}[block]
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
@@ -108,8 +113,7 @@ class CifarResNet(BnHeadMixin, nn.Module):
                                           module=f"layer{i + 1}"))
         self.num_stages = len(layers)
         self.num_features = in_planes
-        self._build_head(num_classes, global_pool)
-        self.bn2 = HeadBatchNorm(self.num_features)
+        self._build_head(num_classes, global_pool, bn_first=head_bn_first)
         if init == "kaiming":
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -131,7 +135,7 @@ _ARCHS = {
     "resnet20_bireal": dict(layers=(3, 3, 3), widths=(16, 32, 64), shortcut="A", init="kaiming",
                             block="bireal"),
     "resnet18": dict(layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), shortcut="B",
-                     init="default"),
+                     init="default", head_bn_first=False),
 }
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, HeadBatchNorm, hub_id, make_conv_factory
+from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, hub_id, make_conv_factory
 
 __all__ = ["BinaryResNet"]
 
@@ -50,14 +50,16 @@ class BinaryResNet(BnHeadMixin, nn.Module):
         binary: False builds ordinary convs.
         estimator: Sign estimator of the binary convs.
         binarize_input: False gives 1W/32A.
+        drop_rate: Dropout before the classifier (timm's ``drop_rate``; 0, the paper's, is a no-op).
     """
 
     _classifier_name = "fc"
 
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 1000,
                  in_chans: int = 3, global_pool: str = "avg", binary: bool = True,
-                 estimator: str = "reste", binarize_input: bool = True):
+                 estimator: str = "reste", binarize_input: bool = True, drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = float(drop_rate)
         conv_layer = make_conv_factory(binary, estimator, binarize_input)
         self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.act1 = nn.ReLU()  # a module so timm's feature extractor runs it between conv1 and bn1
@@ -77,7 +79,6 @@ class BinaryResNet(BnHeadMixin, nn.Module):
                                           module=f"layer{i + 1}"))
         self.num_features = inplanes
         self._build_head(num_classes, global_pool)
-        self.bn2 = HeadBatchNorm(self.num_features)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._common import RESTE_MEAN, RESTE_STD, hub_id, make_conv_factory
@@ -36,11 +37,14 @@ class VGGSmall(nn.Module):
         binary: False gives the full-precision baseline.
         estimator: Sign estimator of the binary convs.
         binarize_input: False gives 1W/32A.
+        drop_rate: Dropout before the classifier (timm's ``drop_rate``; 0, the paper's, is a no-op).
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, global_pool: str = "flatten",
-                 binary: bool = True, estimator: str = "reste", binarize_input: bool = True):
+                 binary: bool = True, estimator: str = "reste", binarize_input: bool = True,
+                 drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = float(drop_rate)
         conv_layer = make_conv_factory(binary, estimator, binarize_input)
         self.feature_info = []
         in_ch, reduction = in_chans, 1
@@ -80,6 +84,7 @@ class VGGSmall(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replaces the classifier; ``global_pool`` is ``"flatten"`` or ``''``."""
+        anchor = getattr(self, "bn5", None)  # the new classifier follows its device and dtype
         if global_pool is None:
             global_pool = self.global_pool_type
         if global_pool not in ("flatten", ""):
@@ -89,6 +94,8 @@ class VGGSmall(nn.Module):
                             else nn.Identity())
         self.head_hidden_size = self.num_features * 16 if global_pool else self.num_features
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if anchor is not None:
+            self.fc.to(anchor.weight.device, anchor.weight.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(len(_WIDTHS)):
@@ -99,6 +106,8 @@ class VGGSmall(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
