@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..hub import strict_pretrained_filter
 from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, hub_id, make_conv_factory
 
 __all__ = ["CifarResNet"]
@@ -95,6 +96,7 @@ class CifarResNet(BnHeadMixin, nn.Module):
         self.drop_rate = float(drop_rate)
         conv_layer = make_conv_factory(binary, estimator, binarize_input)
         block_cls = {"basic": BasicBlock, "bireal": BiRealBlock}[block]
+        self.in_chans = in_chans  # read by timm (data config, save_config_for_hf)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
         self.act1 = nn.ReLU()  # a module (not F.relu) so timm's feature extractor runs it in order
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -143,6 +145,7 @@ def _create_cifar_resnet(variant: str, arch: str, pretrained: bool = False, **kw
     model_args = dict(_ARCHS[arch], **kwargs)
     out_indices = tuple(range(len(model_args["layers"]) + 1))
     return build_model_with_cfg(CifarResNet, variant, pretrained,
+                                pretrained_filter_fn=strict_pretrained_filter,
                                 feature_cfg=dict(out_indices=out_indices), **model_args)
 
 

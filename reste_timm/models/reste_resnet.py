@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..hub import strict_pretrained_filter
 from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, hub_id, make_conv_factory
 
 __all__ = ["BinaryResNet"]
@@ -61,6 +62,7 @@ class BinaryResNet(BnHeadMixin, nn.Module):
         super().__init__()
         self.drop_rate = float(drop_rate)
         conv_layer = make_conv_factory(binary, estimator, binarize_input)
+        self.in_chans = in_chans  # read by timm (data config, save_config_for_hf)
         self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.act1 = nn.ReLU()  # a module so timm's feature extractor runs it between conv1 and bn1
         self.bn1 = nn.BatchNorm2d(64)
@@ -97,7 +99,8 @@ class BinaryResNet(BnHeadMixin, nn.Module):
 
 
 def _create_binary_resnet(variant: str, pretrained: bool = False, **kwargs) -> BinaryResNet:
-    return build_model_with_cfg(BinaryResNet, variant, pretrained, **kwargs)
+    return build_model_with_cfg(BinaryResNet, variant, pretrained,
+                                pretrained_filter_fn=strict_pretrained_filter, **kwargs)
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..hub import strict_pretrained_filter
 from ._common import RESTE_MEAN, RESTE_STD, hub_id, make_conv_factory
 
 __all__ = ["VGGSmall"]
@@ -47,6 +48,7 @@ class VGGSmall(nn.Module):
         self.drop_rate = float(drop_rate)
         conv_layer = make_conv_factory(binary, estimator, binarize_input)
         self.feature_info = []
+        self.in_chans = in_chans  # read by timm (data config, save_config_for_hf)
         in_ch, reduction = in_chans, 1
         for i, width in enumerate(_WIDTHS):
             conv = nn.Conv2d(in_ch, width, 3, padding=1, bias=False) if i == 0 else \
@@ -116,6 +118,7 @@ class VGGSmall(nn.Module):
 
 def _create_vgg_small(variant: str, pretrained: bool = False, **kwargs) -> VGGSmall:
     return build_model_with_cfg(VGGSmall, variant, pretrained,
+                                pretrained_filter_fn=strict_pretrained_filter,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
