@@ -14,12 +14,23 @@ from .estimators import (
                          sign_reste,
                          sign_ste,
 )
+from .hub import (
+                         CheckpointError,
+                         check_folder,
+                         check_pretrained,
+                         convert_official_checkpoint,
+                         load_model,
+                         push_to_hub,
+                         save_pretrained,
+)
 from .indicators import estimating_error, gradient_stability
 from .layers import BinaryConv2d, binary_layers, set_exponent, set_progress
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError", "check_folder", "check_pretrained", "convert_official_checkpoint", "load_model",
+    "push_to_hub", "save_pretrained",
     "BinaryConv2d", "ExponentAnnealing", "annealed_exponent", "binary_layers", "estimating_error",
     "get_estimator", "gradient_stability", "list_estimators", "register_estimator", "set_exponent",
     "set_progress", "sign_approx", "sign_ede", "sign_reste", "sign_ste",

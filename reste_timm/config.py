@@ -163,6 +163,9 @@ def _checks(args: argparse.Namespace) -> List[tuple]:
         ("warmup_epochs", 0 <= args.warmup_epochs < args.epochs, "must be in [0, epochs)"),
         ("workers", args.workers >= 0, "must be >= 0"),
         ("checkpoint_every", args.checkpoint_every >= 0, "must be >= 0"),
+        # a checkpoint between the micro-batches of one optimizer step would lose their gradients
+        ("checkpoint_every", args.checkpoint_every % max(args.grad_accum, 1) == 0,
+         f"must be a multiple of grad_accum ({args.grad_accum})"),
         ("stop_after_epochs", args.stop_after_epochs >= 0, "must be >= 0"),
         ("max_train_steps", args.max_train_steps >= 0, "must be >= 0"),
         ("num_classes", args.num_classes is None or args.num_classes > 0, "must be > 0"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch
 from PIL import Image as PILImage
 
 __all__ = ["DataSplits", "KNOWN_SOURCES", "DataError", "is_hub_dataset_id", "load_splits",
-           "build_transforms", "default_recipe", "EpochShuffleSampler", "ImageTransform", "collate_images",
-           "digits_arrays"]
+           "build_transforms", "default_recipe", "EpochShuffleSampler", "ImageTransform", "SeededAugment",
+           "collate_images", "digits_arrays"]
 
 KNOWN_SOURCES = ("digits", "cifar10-py", "imagefolder", "parquet", "arrow")
 _VAL_SPLITS = ("validation", "val", "test")
@@ -313,6 +314,44 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
+class SeededAugment(torch.utils.data.Dataset):
+    """A map-style dataset whose examples draw their random augmentation from ``(seed, epoch, index)``.
+
+    torchvision and timm transforms draw from the global torch and ``random`` generators, so an
+    example's crop would depend on everything drawn before it, including the batch a DataLoader
+    prefetches before a checkpoint. Seeding each example on its own makes it independent of that:
+    a run resumed mid-epoch (its loader skipping the batches already done) sees exactly the batches
+    of an uninterrupted one, on any number of workers. The global generators are restored after.
+
+    Args:
+        dataset: The dataset, with its transform set (e.g. :class:`ImageTransform`).
+        seed: Base seed of the run.
+    """
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)) % (2**63)
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[int(index)]
+            finally:
+                random.setstate(python_state)
+
+    def __getitems__(self, indices: List[int]) -> List[Any]:
+        return [self[i] for i in indices]
 
 
 def build_transforms(recipe: str, input_size: Tuple[int, int, int], mean, std,

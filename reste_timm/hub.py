@@ -26,64 +26,29 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-import yaml
-from huggingface_hub import EvalResult, HfApi, ModelCardData, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from timm.models import clean_state_dict, parse_model_name, resolve_pretrained_cfg, split_model_name_tag
 from timm.models._hub import hf_split, load_model_config_from_path, save_config_for_hf
 from timm.models._pretrained import PretrainedCfg
 
+from ._card import render_model_card
 from .layers import binary_layers
 
 __all__ = [
     "CheckpointError", "binary_model_args", "check_folder", "check_pretrained", "convert_official_checkpoint",
-    "load_model", "push_to_hub", "save_pretrained", "strict_pretrained_filter",
+    "load_model", "push_to_hub", "render_model_card", "save_pretrained", "strict_pretrained_filter",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 PathLike = Union[str, os.PathLike]
-
-# Hub dataset ids and pretty names for the pretrained tags of the registered models.
-_DATASETS = {"cifar10": ("cifar10", "CIFAR-10"), "in1k": ("imagenet-1k", "ImageNet-1k")}
-# Metric keys the training scripts report -> (model-index metric type, pretty name).
-_METRICS = {"top1": ("accuracy", "Top-1 accuracy"), "acc1": ("accuracy", "Top-1 accuracy"),
-            "accuracy": ("accuracy", "Top-1 accuracy"), "top5": ("top-5-accuracy", "Top-5 accuracy"),
-            "acc5": ("top-5-accuracy", "Top-5 accuracy")}
-_TAGS = ["image-classification", "timm", "binary-neural-network", "reste"]
-_PAPER_URL = ("https://openaccess.thecvf.com/content/ICCV2023/html/Wu_Estimator_Meets_Equilibrium_Perspective_"
-              "A_Rectified_Straight_Through_Estimator_for_ICCV_2023_paper.html")
-# The Hub's generic timm snippet lacks the plugin import, without which timm reports an unknown model.
-_USAGE = """## Usage
-
-The architecture is defined by the `reste-timm` plugin: install it, and import it before
-`timm.create_model` (without the import, timm reports an unknown model).
-
-```bash
-pip install reste-timm
-```
-
-```python
-import timm
-import torch
-import reste_timm  # noqa: F401  registers the ReSTE models with timm
-from PIL import Image
-
-model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
-data_config = timm.data.resolve_model_data_config(model)
-transform = timm.data.create_transform(**data_config, is_training=False)
-image = Image.open("image.png").convert("RGB")
-with torch.no_grad():
-    probs = model(transform(image).unsqueeze(0)).softmax(-1)
-```"""
-_CITATION = """@inproceedings{wu2023estimator,
-  title={Estimator meets equilibrium perspective: A rectified straight through estimator for binary neural networks training},
-  author={Wu, Xiao-Ming and Zheng, Dian and Liu, Zuhao and Zheng, Wei-Shi},
-  booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision},
-  pages={17055--17064},
-  year={2023}
-}"""  # noqa: E501  (bibtex copied verbatim from the reference README)
+# Weight files that timm would read with torch.load (a pickle) when no safetensors file is there.
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".tar", ".ckpt", ".pkl")
+PICKLE_REFUSED = ("not a .safetensors file: refusing to unpickle weights (a pickle can run code when "
+                  "loaded); convert them to safetensors, or pass allow_pickle=True to read them with "
+                  "torch.load(weights_only=True)")
 
 
 class CheckpointError(ValueError):
@@ -243,73 +208,6 @@ def save_pretrained(model: nn.Module, folder: PathLike, metrics: Optional[Mappin
     return folder
 
 
-# ------------------------------------------------------------------------------------------ model card
-
-def _precision(model_args: Mapping[str, Any]) -> str:
-    if "binarize_input" not in model_args:
-        return "full precision (32W/32A)"
-    if model_args["binarize_input"]:
-        return "1-bit weights and activations (1W/1A)"
-    return "1-bit weights, full-precision activations (1W/32A)"
-
-
-def _eval_results(metrics: Mapping[str, Any], dataset: str, dataset_name: str) -> list:
-    results = []
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # model-index holds numbers only; everything is in the results table
-        metric_type, metric_name = _METRICS.get(key.lower(), (key, key))
-        results.append(EvalResult(task_type="image-classification", task_name="Image Classification",
-                                  dataset_type=dataset, dataset_name=dataset_name, dataset_split="test",
-                                  metric_type=metric_type, metric_name=metric_name,
-                                  metric_value=round(float(value), 4)))
-    return results
-
-
-def render_model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, Any]] = None,
-                      train_config: Optional[Mapping[str, Any]] = None, dataset: Optional[str] = None,
-                      repo_id: Optional[str] = None, license: Optional[str] = None,
-                      description: Optional[str] = None, results_note: Optional[str] = None,
-                      tags: Optional[list] = None) -> str:
-    """The ``README.md`` of a saved model, from its ``config.json`` content (see :func:`save_pretrained`)."""
-    pcfg, args = config["pretrained_cfg"], config.get("model_args", {})
-    tag = pcfg.get("tag") or ""
-    name = f"{config['architecture']}.{tag}" if tag else config["architecture"]
-    from .models._common import hub_id  # here: the model files may use this module's filter
-
-    repo_id = repo_id or hub_id(name)
-    dataset = dataset or _DATASETS.get(tag, (None,))[0]
-    dataset_name = dict(_DATASETS.values()).get(dataset, dataset)
-    results = _eval_results(metrics, dataset, dataset_name) if metrics and dataset else None
-    data = ModelCardData(  # model_name only names the model-index; alone it would be a stray field
-        library_name="timm", license=license or pcfg.get("license") or "apache-2.0",
-        tags=_TAGS + list(tags or []), pipeline_tag="image-classification",
-        datasets=[dataset] if dataset else None, model_name=name if results else None,
-        eval_results=results or None)
-    lines = [f"---\n{data.to_yaml()}\n---", f"# Model card for {name}", "",
-             description or f"A binary neural network trained with ReSTE ([ICCV 2023]({_PAPER_URL})), "
-             "packaged for [timm](https://github.com/huggingface/pytorch-image-models) by `reste-timm`.",
-             "", "## Model details", "", f"- **Architecture:** `{config['architecture']}`",
-             f"- **Precision:** {_precision(args)}"]
-    if "estimator" in args:
-        lines.append(f"- **Sign estimator:** `{args['estimator']}`")
-    lines += [f"- **Classes:** {config['num_classes']}",
-              f"- **Input size:** {' x '.join(str(s) for s in pcfg['input_size'])}"]
-    if dataset:
-        lines.append(f"- **Dataset:** {dataset_name}")
-    lines += ["", _USAGE.format(repo_id=repo_id)]
-    if train_config:
-        text = yaml.safe_dump(json.loads(json.dumps(dict(train_config), default=str)), sort_keys=False)
-        lines += ["", "## Training configuration", "", f"```yaml\n{text.rstrip()}\n```"]
-    if metrics:
-        lines += ["", "## Results", "", "| Metric | Value |", "| --- | --- |"]
-        lines += [f"| {_METRICS.get(k.lower(), (k, k))[1]} | {v} |" for k, v in metrics.items()]
-        if results_note:
-            lines += ["", results_note]
-    lines += ["", "## Citation", "", f"```bibtex\n{_CITATION}\n```", ""]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- sharing
 
 def push_to_hub(model: nn.Module, repo_id: str, metrics: Optional[Mapping[str, Any]] = None,
@@ -346,10 +244,16 @@ def push_to_hub(model: nn.Module, repo_id: str, metrics: Optional[Mapping[str, A
 
 # -------------------------------------------------------------------------------------------- checking
 
-def _read_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    """Tensor shapes of a weights file; safetensors is read from its header only."""
+def _read_shapes(path: Path, allow_pickle: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """Tensor shapes of a weights file; safetensors is read from its header only.
+
+    Any other file is a pickle: refused unless ``allow_pickle``, and then read with
+    ``torch.load(weights_only=True)`` (timm's reader), which refuses code-running globals.
+    """
     if not path.is_file():
         raise CheckpointError(path, None, "missing")
+    if not path.name.endswith(".safetensors") and not allow_pickle:
+        raise CheckpointError(path, None, PICKLE_REFUSED)
     try:
         if path.name.endswith(".safetensors"):
             with safetensors.safe_open(str(path), framework="pt") as f:
@@ -444,7 +348,13 @@ def check_folder(folder: PathLike) -> Dict[str, Any]:
     for key in ("file", "source"):  # added by timm's parser, not part of the saved config
         pretrained_cfg.pop(key, None)
     expected = _expected_shapes(name, pretrained_cfg, model_args, config_file)
-    _compare(expected, _read_shapes(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME, name)
+    weights = folder / WEIGHTS_NAME
+    pickles = sorted(p.name for p in folder.glob("*") if p.name.endswith(PICKLE_SUFFIXES))
+    if not weights.is_file() and pickles:
+        # timm would fall back to torch.load on these; a shared folder must not run code when loaded.
+        raise CheckpointError(weights, None, f"missing; found only pickled weights ({', '.join(pickles)}), "
+                              "which are not loaded (a pickle can run code): convert them to safetensors")
+    _compare(expected, _read_shapes(weights), weights, name)
     return {"architecture": name, "model_args": model_args, "pretrained_cfg": pretrained_cfg}
 
 
@@ -457,8 +367,31 @@ def _hub_file(model_id: str, filename: str, cache_dir: Optional[PathLike]) -> Pa
         raise CheckpointError(f"hf-hub:{model_id}/{filename}", None, f"not found: {_first_line(e)}") from e
 
 
+def _hub_weights(model_id: str, filename: Optional[str], cache_dir: Optional[PathLike],
+                 allow_pickle: bool) -> Path:
+    """The file timm reads for a cfg's ``hf_hub_id``: as timm, the ``.safetensors`` twin of a ``.bin`` first.
+
+    Where timm would go on to unpickle the ``.bin`` (or a ``.pth``), this refuses unless ``allow_pickle``.
+    """
+    filename = filename or "pytorch_model.bin"  # timm's default
+    if filename.endswith(".safetensors"):
+        return _hub_file(model_id, filename, cache_dir)
+    twin = WEIGHTS_NAME if filename == "pytorch_model.bin" else (
+        filename[:-4] + ".safetensors" if filename.endswith(".bin") else None)
+    try:
+        if twin is not None:
+            return _hub_file(model_id, twin, cache_dir)
+        raise CheckpointError(f"hf-hub:{model_id}/{filename}", None, "not a .safetensors file")
+    except CheckpointError as e:
+        if not allow_pickle:
+            raise CheckpointError(e.file, None, f"{e.problem}; timm would unpickle {filename} instead, "
+                                  "which is refused unless allow_pickle=True") from None
+    return _hub_file(model_id, filename, cache_dir)
+
+
 def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]],
-                            cache_dir: Optional[PathLike], kwargs: Mapping[str, Any]) -> None:
+                            cache_dir: Optional[PathLike], kwargs: Mapping[str, Any],
+                            allow_pickle: bool = False) -> None:
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         raise CheckpointError(name, None, "unknown model: not registered with timm")
@@ -467,12 +400,14 @@ def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Ma
         found, where = {k: tuple(v.shape) for k, v in cfg["state_dict"].items()}, "pretrained_cfg.state_dict"
     elif cfg.get("file"):
         where = Path(cfg["file"])
-        found = _read_shapes(where)
+        found = _read_shapes(where, allow_pickle)
     elif cfg.get("hf_hub_id"):
-        where = _hub_file(cfg["hf_hub_id"], cfg.get("hf_hub_filename") or WEIGHTS_NAME, cache_dir)
-        found = _read_shapes(where)
+        where = _hub_weights(cfg["hf_hub_id"], cfg.get("hf_hub_filename"), cache_dir, allow_pickle)
+        found = _read_shapes(where, allow_pickle)
+    elif cfg.get("url") and not allow_pickle:  # timm reads a URL with torch.load
+        raise CheckpointError(cfg["url"], None, PICKLE_REFUSED)
     else:
-        return  # a url (or nothing): timm reports it
+        return  # a url with allow_pickle (timm downloads and checks it), or no weights: timm reports it
     # The weights must match the model of the cfg's own classes and channels; timm adapts them after.
     build_args = {k: v for k, v in kwargs.items() if k not in (
         "num_classes", "in_chans", "features_only", "out_indices", "feature_cls", "pretrained_model_args")}
@@ -481,11 +416,19 @@ def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Ma
 
 def check_pretrained(model_name: str, pretrained_cfg: Any = None,
                      pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
-                     cache_dir: Optional[PathLike] = None, **kwargs: Any) -> None:
+                     cache_dir: Optional[PathLike] = None, allow_pickle: bool = False, **kwargs: Any) -> None:
     """Checks the files that ``timm.create_model(model_name, pretrained=True, ...)`` would load.
 
     Handles ``local-dir:FOLDER``, ``hf-hub:ORG/NAME[@REV]`` (files fetched through the Hub cache, so
     ``HF_HUB_OFFLINE=1`` works) and registry names (their cfg's ``file``, ``hf_hub_id`` or overlay).
+    Saved folders and Hub repos must hold ``model.safetensors``: where timm would fall back to
+    unpickling ``pytorch_model.bin``, this refuses.
+
+    Args:
+        model_name: As ``timm.create_model``; so are ``pretrained_cfg``, ``pretrained_cfg_overlay``,
+            ``cache_dir`` and ``**kwargs``.
+        allow_pickle: Accept a registry name's pickled weights (``file``, ``url`` or a ``.bin`` on the
+            Hub without a safetensors twin), which timm reads with ``torch.load(weights_only=True)``.
 
     Raises:
         CheckpointError: Naming the file and key at fault.
@@ -497,22 +440,26 @@ def check_pretrained(model_name: str, pretrained_cfg: Any = None,
         _hub_file(ident, WEIGHTS_NAME, cache_dir)  # same snapshot folder as the config below
         check_folder(_hub_file(ident, CONFIG_NAME, cache_dir).parent)
     else:
-        _check_registry_weights(ident, pretrained_cfg, pretrained_cfg_overlay, cache_dir, kwargs)
+        _check_registry_weights(ident, pretrained_cfg, pretrained_cfg_overlay, cache_dir, kwargs,
+                                allow_pickle)
 
 
-def load_model(model_name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+def load_model(model_name: str, pretrained: bool = True, allow_pickle: bool = False,
+               **kwargs: Any) -> nn.Module:
     """``timm.create_model`` preceded by :func:`check_pretrained` when ``pretrained``.
 
     timm would report a bad file without naming it, or, when the classifier is being replaced
-    (``num_classes`` differs), load non-strictly and only log missing keys.
+    (``num_classes`` differs), load non-strictly and only log missing keys; and it would unpickle a
+    folder or Hub repo that has ``pytorch_model.bin`` but no ``model.safetensors``.
 
     Args:
         model_name: ``local-dir:FOLDER``, ``hf-hub:ORG/NAME`` or a registered name.
         pretrained: Load the weights.
+        allow_pickle: See :func:`check_pretrained`.
         **kwargs: ``timm.create_model`` keyword arguments (``num_classes``, ``in_chans``, ...).
     """
     if pretrained:
-        check_pretrained(model_name, **kwargs)
+        check_pretrained(model_name, allow_pickle=allow_pickle, **kwargs)
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from .annealing import ExponentAnnealing
+from .hub import check_pretrained
 from .indicators import estimating_error, gradient_stability
 
 __all__ = ["NonFiniteLossError", "TrainState", "build_model", "build_optimizer", "build_lr_scheduler",
            "lr_factor", "train_one_epoch", "evaluate", "save_checkpoint", "latest_checkpoint",
-           "MetricsLog", "is_reste_model"]
+           "remove_partial_checkpoints", "MetricsLog", "is_reste_model"]
 
 _OUR_MODULES = ("reste_resnet", "reste_cifar_resnet", "reste_vgg")
 _CKPT = re.compile(r"^(epoch|step)_(\d+)$")
@@ -46,11 +47,18 @@ def build_model(model: str, num_classes: int, estimator: str = "reste", init: Op
     """Creates the model, or loads ``init`` (name, ``hf-hub:`` or ``local-dir:``) with a new head.
 
     timm drops and re-initialises the classifier when ``num_classes`` differs from the checkpoint's.
+    The ``init`` weights are checked first (:func:`reste_timm.hub.check_pretrained`): safetensors only,
+    every key and shape, so a bad file is named instead of half-loaded or unpickled.
+
+    Raises:
+        CheckpointError: The ``init`` weights are missing, pickled, corrupt or do not match.
     """
     name = init or model
     plain = name.split(":", 1)[-1] if not name.startswith(("hf-hub:", "local-dir:")) else None
     if plain is None or is_reste_model(plain):
         kwargs["estimator"] = estimator
+    if init is not None:
+        check_pretrained(name, num_classes=num_classes, **kwargs)
     return timm.create_model(name, pretrained=init is not None, num_classes=num_classes, **kwargs)
 
 
@@ -104,15 +112,29 @@ def _step_batch(batch, accelerator, channels_last: bool):
 
 
 def _check_finite(loss, accelerator, where: str, skip: bool) -> bool:
-    """True when every process's loss is finite; raises (or tells to skip) otherwise."""
+    """True when every process's loss is finite; raises (or tells to skip) otherwise.
+
+    Checked before ``backward``: a bad batch never reaches the weights, the optimizer state or a
+    checkpoint, so the last checkpoint on disk is the last good one.
+    """
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")  # all ranks decide together: no hang
     if bad.item() == 0:
         return True
     if not skip:
-        raise NonFiniteLossError(f"non-finite loss at {where}; --skip-nonfinite skips such batches")
+        value = loss.item()  # this process's: with several, it may be another's that is bad
+        what = "non-finite loss" + ("" if math.isfinite(value) else f" ({value})")
+        procs = f" on {int(bad.item())} of {accelerator.num_processes} processes" \
+            if accelerator.num_processes > 1 else ""
+        raise NonFiniteLossError(f"{what} at {where}{procs}; --skip-nonfinite skips such batches")
     return False
+
+
+@torch.no_grad()
+def _restore(tensors, copies) -> None:
+    for tensor, copy in zip(tensors, copies, strict=True):
+        tensor.copy_(copy)
 
 
 def train_one_epoch(model, loader, optimizer, accelerator, annealing: ExponentAnnealing, state: TrainState,
@@ -124,13 +146,19 @@ def train_one_epoch(model, loader, optimizer, accelerator, annealing: ExponentAn
     correct = torch.zeros((), device=accelerator.device)
     seen, indicators, start = 0, {}, time.perf_counter()
     for i, batch in enumerate(loader, start=state.step_in_epoch):
+        if max_steps and i >= max_steps:  # checked first: a run resumed at the cap takes no extra step
+            break
         state.skipped_images += int(batch["skipped"].sum())
         x, y = _step_batch(batch, accelerator, channels_last)
+        # The forward pass updates BatchNorm's running statistics before the loss can be checked.
+        saved = [b.detach().clone() for b in model.buffers()] if skip_nonfinite else None
         with accelerator.accumulate(model):
             out = model(x)
             loss = F.cross_entropy(out, y)
             if not _check_finite(loss, accelerator, f"epoch {state.epoch} step {i}", skip_nonfinite):
+                _restore(model.buffers(), saved)  # else the skipped batch's NaN stays in running_mean
                 state.skipped_nonfinite += 1
+                state.step_in_epoch = i + 1  # the batch is consumed: a resume must not see it again
                 optimizer.zero_grad(set_to_none=True)
                 continue
             accelerator.backward(loss)
@@ -147,8 +175,6 @@ def train_one_epoch(model, loader, optimizer, accelerator, annealing: ExponentAn
             progress.update(1)
         if on_step is not None:
             on_step()
-        if max_steps and i + 1 >= max_steps:
-            break
     elapsed = time.perf_counter() - start
     totals = accelerator.reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen),
                                                                              device=loss_sum.device)]), "sum")
@@ -184,6 +210,18 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _discard(folder: Path) -> None:
+    """Removes a checkpoint folder by renaming it to ``.tmp-*`` first (atomic), then deleting it.
+
+    A run killed while deleting leaves a ``.tmp-*`` folder, never a half-deleted folder under a
+    checkpoint name (whose fresh mtime would make it look like the latest one).
+    """
+    trash = folder.with_name(f".tmp-old-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, checkpoints_dir: Path, name: str, keep: int = 2) -> Path:
     """``accelerator.save_state`` into a temporary folder, fsync, then an atomic rename.
 
@@ -201,12 +239,33 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, name: str, keep: int = 2
     if accelerator.is_main_process:
         _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
+        _fsync_dir(checkpoints_dir)
         for old in _complete_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename durable before the run goes on; some platforms cannot open a folder (Windows).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_checkpoints(checkpoints_dir: Path) -> list:
+    """Deletes the ``.tmp-*`` folders a killed run left behind; returns their names."""
+    partial = sorted(p for p in checkpoints_dir.glob(".tmp-*")) if checkpoints_dir.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in partial]
 
 
 def _complete_checkpoints(checkpoints_dir: Path):

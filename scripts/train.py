@@ -23,23 +23,25 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.data import resolve_data_config
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import reste_timm  # noqa: F401  (registers the models)
-from reste_timm.annealing import ExponentAnnealing
+from reste_timm.annealing import ExponentAnnealing, annealed_exponent
 from reste_timm.config import parse_config
 from reste_timm.data import (
     DataError,
     EpochShuffleSampler,
     ImageTransform,
+    SeededAugment,
     build_transforms,
     collate_images,
     default_recipe,
     load_splits,
 )
 from reste_timm.device_data import DeviceImageLoader
-from reste_timm.hub import push_to_hub, save_pretrained
+from reste_timm.hub import CheckpointError, push_to_hub, save_pretrained
 from reste_timm.training import (
     MetricsLog,
     NonFiniteLossError,
@@ -49,6 +51,7 @@ from reste_timm.training import (
     build_optimizer,
     evaluate,
     latest_checkpoint,
+    remove_partial_checkpoints,
     save_checkpoint,
     train_one_epoch,
 )
@@ -95,8 +98,8 @@ def make_loaders(args, splits, data_cfg, accelerator):
         return train, accelerator.prepare(val)
     splits.train.set_transform(ImageTransform(train_tf, *cols, skip_bad=args.skip_bad_images))
     sampler = EpochShuffleSampler(len(splits.train), args.seed)
-    train = DataLoader(splits.train, batch_size=args.batch_size, sampler=sampler, drop_last=False,
-                       num_workers=args.workers, collate_fn=collate_images)
+    train = DataLoader(SeededAugment(splits.train, args.seed), batch_size=args.batch_size, sampler=sampler,
+                       drop_last=False, num_workers=args.workers, collate_fn=collate_images)
     return accelerator.prepare(train), accelerator.prepare(val)
 
 
@@ -104,6 +107,8 @@ def epoch_batches(loader, accelerator, epoch: int, skip: int):
     """The loader for one epoch, skipping ``skip`` batches already done (mid-epoch resume)."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
+    if isinstance(getattr(loader, "dataset", None), SeededAugment):
+        loader.dataset.set_epoch(epoch)  # accelerate forwards set_epoch to the sampler only
     if skip and isinstance(loader, DeviceImageLoader):
         loader.skip = skip
     elif skip:
@@ -116,16 +121,25 @@ def write_config(args, output_dir: Path) -> None:
     (output_dir / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
 
 
-def resume_state(args, accelerator, checkpoints: Path) -> bool:
-    """Loads the latest complete checkpoint when ``--resume``; False when starting fresh."""
+def resume_state(args, accelerator, checkpoints: Path, state: TrainState) -> bool:
+    """Loads the latest complete checkpoint when ``--resume``; False when starting fresh.
+
+    The ``.tmp-*`` folders of a run killed while writing a checkpoint are never loaded; they are
+    deleted here, once no process can still be writing them.
+    """
     if not args.resume:
         return False
+    if accelerator.is_main_process:
+        for name in remove_partial_checkpoints(checkpoints):
+            accelerator.print(f"--resume: removed the partial checkpoint {checkpoints / name}")
+    accelerator.wait_for_everyone()
     ckpt = latest_checkpoint(checkpoints)
     if ckpt is None:
         accelerator.print(f"--resume: no checkpoint under {checkpoints}, starting from scratch")
         return False
     accelerator.load_state(str(ckpt))
-    accelerator.print(f"resumed from {ckpt}")
+    accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, step {state.step_in_epoch} of it, "
+                      f"global step {state.global_step})")
     return True
 
 
@@ -160,12 +174,15 @@ def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state,
                 name = f"step_{state.global_step:08d}"
                 save_checkpoint(accelerator, checkpoints, name, args.keep_checkpoints)
 
-        lr, o = optimizer.param_groups[0]["lr"], annealing.exponent
-        train = train_one_epoch(model, batches, optimizer, accelerator, annealing, state,
-                                channels_last=args.channels_last, skip_nonfinite=args.skip_nonfinite,
-                                cal_ind=args.cal_ind, o_end=args.o_end, max_steps=args.max_train_steps,
-                                on_step=on_step, progress=bar)
-        bar.close()
+        # o at the epoch's start, computed: a mid-epoch resume restores the step's o (--anneal step)
+        lr, o = optimizer.param_groups[0]["lr"], annealed_exponent(epoch, args.epochs, args.o_end)
+        try:
+            train = train_one_epoch(model, batches, optimizer, accelerator, annealing, state,
+                                    channels_last=args.channels_last, skip_nonfinite=args.skip_nonfinite,
+                                    cal_ind=args.cal_ind, o_end=args.o_end, max_steps=args.max_train_steps,
+                                    on_step=on_step, progress=bar)
+        finally:
+            bar.close()  # clears the bar's line, so that an error message starts a line of its own
         val = evaluate(model, val_loader, accelerator, args.channels_last)
         scheduler.step()
         state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -183,7 +200,6 @@ def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state,
                                                                            "top5": val["val_top5"]})
         log_epoch(accelerator, metrics_log, record)
         save_checkpoint(accelerator, checkpoints, f"epoch_{epoch + 1:05d}", args.keep_checkpoints)
-
 
 
 def finish(args, accelerator, model, val_loader, output_dir: Path, state) -> None:
@@ -206,17 +222,28 @@ def finish(args, accelerator, model, val_loader, output_dir: Path, state) -> Non
                       f"{state.best_epoch} in {output_dir / 'best'}")
 
 
-def main(argv=None) -> int:
-    args = parse_config(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    try:
-        splits = load_splits(args.dataset, args.data_path, args.image_column, args.label_column,
-                             args.train_split, args.val_split, args.streaming)
-    except DataError as e:
-        accelerator.print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+def fail(accelerator, message: str, code: int, every_rank: bool = False) -> int:
+    """Prints one ``train.py: error:`` line on stderr and returns the exit code.
+
+    Setup errors are the same on every process and printed once; an error met during training may
+    be one process's alone (its shard of the data), so with ``every_rank`` each prints its own.
+    """
+    if every_rank and accelerator.num_processes > 1:
+        print(f"train.py: error: [rank {accelerator.process_index}] {message}", file=sys.stderr, flush=True)
+    elif accelerator.is_main_process:
+        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def setup(args, accelerator):
+    """Data, model, loaders, optimiser, schedule, annealing and train state; writes nothing.
+
+    Raises:
+        DataError: A missing path, split or column, or an empty split.
+        CheckpointError: ``--init`` weights that are missing, pickled, corrupt or mismatched.
+    """
+    splits = load_splits(args.dataset, args.data_path, args.image_column, args.label_column,
+                         args.train_split, args.val_split, args.streaming)
     model = make_model(args, args.num_classes or splits.num_classes)
     data_cfg = resolve_data_config(model=model)
     loaders = make_loaders(args, splits, data_cfg, accelerator)
@@ -229,15 +256,37 @@ def main(argv=None) -> int:
     state = TrainState()
     for obj in (scheduler, annealing, state):
         accelerator.register_for_checkpointing(obj)
+    return model, optimizer, scheduler, annealing, state, loaders
+
+
+def last_good(output_dir: Path) -> str:
+    """Where a failed run can be continued from, for its error line."""
+    ckpt = latest_checkpoint(output_dir / "checkpoints")
+    return f"the last good checkpoint, {ckpt}, is kept (continue with --resume)" if ckpt else \
+        "no checkpoint had been saved yet"
+
+
+@record  # under torchrun/accelerate launch, the failing rank's exception goes into the failure summary
+def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 a failed run (non-finite loss), 2 bad input (config, data, weights files)."""
+    args = parse_config(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    try:
+        model, optimizer, scheduler, annealing, state, loaders = setup(args, accelerator)
+    except (DataError, CheckpointError) as e:
+        return fail(accelerator, str(e), 2)  # before anything is written
     if accelerator.is_main_process:
         write_config(args, output_dir)
     accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in vars(args).items()})
-    resume_state(args, accelerator, output_dir / "checkpoints")
+    resume_state(args, accelerator, output_dir / "checkpoints", state)
     try:
         run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir)
     except NonFiniteLossError as e:
-        accelerator.print(f"train.py: error: {e}; the last good checkpoint is kept", file=sys.stderr)
-        return 1
+        return fail(accelerator, f"{e}; {last_good(output_dir)}", 1)
+    except DataError as e:
+        return fail(accelerator, f"{e}; {last_good(output_dir)}", 2, every_rank=True)
     if state.epoch >= args.epochs:
         finish(args, accelerator, model, loaders[1], output_dir, state)
     accelerator.end_training()

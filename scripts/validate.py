@@ -8,6 +8,8 @@
 ``--checkpoint`` takes a saved folder (model.safetensors + config.json) or a ``.safetensors`` file.
 A pickled checkpoint (``.pth``, ``.pth.tar``, ``.bin``) can run code when loaded, so it is refused
 unless ``--allow-pickle`` is given; even then it is read with ``torch.load(weights_only=True)``.
+Folders and Hub repos are checked before loading (:func:`reste_timm.hub.load_model`) and must hold
+``model.safetensors``. Exit code 2 and one line naming the file for a bad checkpoint or dataset.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from reste_timm.data import (
     default_recipe,
     load_splits,
 )
+from reste_timm.hub import CheckpointError
+from reste_timm.hub import load_model as load_checked
 from reste_timm.training import evaluate
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt", ".pkl")
@@ -56,16 +60,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def read_state_dict(path: Path, allow_pickle: bool) -> dict:
-    """Weights from a .safetensors file, or (with ``--allow-pickle``) a reference-style pickle."""
+    """Weights from a .safetensors file, or (with ``--allow-pickle``) a reference-style pickle.
+
+    Raises:
+        CheckpointError: An unreadable file, or a pickle that ``weights_only`` refuses (one line).
+        ValueError: A pickle without ``--allow-pickle``, or an unknown format.
+    """
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise CheckpointError(path, None, f"unreadable, truncated or corrupt: {_first_line(e)}") from None
     if path.suffix in PICKLE_SUFFIXES or path.name.endswith(".pth.tar"):
         if not allow_pickle:
             raise ValueError(f"{path}: refusing to unpickle a checkpoint (a pickle can run code when "
                              "loaded); pass --allow-pickle to read it with torch.load(weights_only=True), "
                              "or convert it with scripts/convert_official.py")
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (unpickling errors have many types)
+            raise CheckpointError(path, None, f"refused by torch.load(weights_only=True): {_first_line(e)}") \
+                from None
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
         return {k.removeprefix("module."): v for k, v in state.items()}
     raise ValueError(f"{path}: unknown checkpoint format (expected a folder, .safetensors or .pth)")
@@ -75,13 +96,13 @@ def load_model(args, num_classes: int) -> torch.nn.Module:
     """The model of ``--model`` with the weights of ``--checkpoint`` (strictly matched) if given."""
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
-        return timm.create_model(f"local-dir:{ckpt}", pretrained=True)
+        return load_checked(f"local-dir:{ckpt}")
     if ckpt is not None and not ckpt.exists():
         raise ValueError(f"{ckpt}: checkpoint not found")
     if ckpt is None:
-        pretrained = args.model.startswith(("hf-hub:", "local-dir:"))
-        return timm.create_model(args.model, pretrained=pretrained,
-                                 **({} if pretrained else {"num_classes": num_classes}))
+        if args.model.startswith(("hf-hub:", "local-dir:")):
+            return load_checked(args.model)
+        return timm.create_model(args.model, num_classes=num_classes)
     state = read_state_dict(ckpt, args.allow_pickle)
     model = timm.create_model(args.model, num_classes=num_classes)
     result = model.load_state_dict(state, strict=False)
@@ -109,8 +130,12 @@ def main(argv=None) -> int:
                                             splits.num_classes))
     loader = DataLoader(splits.val, batch_size=args.batch_size, collate_fn=collate_images)
     model, loader = accelerator.prepare(model, loader)
-    result = dict(model=args.model, checkpoint=args.checkpoint, dataset=args.dataset,
-                  **evaluate(model, loader, accelerator))
+    try:
+        measured = evaluate(model, loader, accelerator)
+    except DataError as e:  # an unreadable image or a label outside the classes, named
+        print(f"validate.py: error: {e}", file=sys.stderr)
+        return 2
+    result = dict(model=args.model, checkpoint=args.checkpoint, dataset=args.dataset, **measured)
     accelerator.print(f"top-1 {result['val_top1']:.2f}%  top-5 {result['val_top5']:.2f}%  "
                       f"({result['val_count']} images)")
     if args.json and accelerator.is_main_process:

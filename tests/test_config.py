@@ -16,7 +16,8 @@ def write(tmp_path, data, name="cfg.yaml"):
 
 
 def test_yaml_then_command_line(tmp_path):
-    cfg = write(tmp_path, {"epochs": 7, "data-path": "/x", "lr": "1e-3", "cal_ind": True, "dataset": "digits"})
+    cfg = write(tmp_path, {"epochs": 7, "data-path": "/x", "lr": "1e-3", "cal_ind": True,
+                           "dataset": "digits"})
     args = parse_config(["--config", cfg, "--epochs", "5"])
     assert args.epochs == 5  # command line wins
     assert args.data_path == "/x" and args.lr == pytest.approx(1e-3) and args.cal_ind is True

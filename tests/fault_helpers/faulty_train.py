@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Test-only: runs scripts/train.py's ``main`` with one fault injected, chosen by ``RESTE_FAULT``.
+
+    RESTE_FAULT=kill-during:step_00000002  SIGKILL while that checkpoint is being written: its files
+                                           are in .tmp-step_00000002, model.safetensors torn in half
+    RESTE_FAULT=kill-after:step_00000005   SIGKILL right after that checkpoint is complete
+    RESTE_FAULT=nan-at:1:1                 the training batch of epoch 1, step 1 becomes all NaN,
+                                           once per process (the loss is then NaN)
+    RESTE_FAULT=raise-on-rank:1:2          process 1 raises RuntimeError at its 2nd training batch
+
+The command line is train.py's. tests/test_reliability.py launches this file as it launches
+scripts/train.py (also under ``accelerate launch``); the package never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import reste_timm.training as training
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_train_script():
+    """scripts/train.py as a module, so that its globals can be patched before ``main`` runs."""
+    spec = importlib.util.spec_from_file_location("reste_train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def die() -> None:
+    """SIGKILL: no handler, no cleanup, no ``finally`` runs, as when the machine loses the job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_during(train, name: str) -> None:
+    real = training._fsync_tree
+
+    def fsync_or_die(folder: Path) -> None:
+        if folder.name == f".tmp-{name}":
+            weights = folder / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+            die()
+        real(folder)
+
+    training._fsync_tree = fsync_or_die
+
+
+def kill_after(train, name: str) -> None:
+    real = train.save_checkpoint
+
+    def save_then_die(accelerator, checkpoints_dir, ckpt_name, keep=2):
+        path = real(accelerator, checkpoints_dir, ckpt_name, keep)
+        if ckpt_name == name:
+            die()
+        return path
+
+    train.save_checkpoint = save_then_die
+
+
+def _on_training_batch(fault):
+    """Wraps ``training._step_batch`` (shared with evaluation, which runs without grad)."""
+    real = training._step_batch
+
+    def step_batch(batch, accelerator, channels_last):
+        x, y = real(batch, accelerator, channels_last)
+        return fault(x, y, accelerator) if torch.is_grad_enabled() else (x, y)
+
+    training._step_batch = step_batch
+
+
+def nan_at(train, epoch: str, step: str) -> None:
+    states, fired = [], []
+
+    class TrackedState(train.TrainState):
+        def __init__(self):
+            super().__init__()
+            states.append(self)
+
+    def fault(x, y, accelerator):
+        if not fired and (states[0].epoch, states[0].step_in_epoch) == (int(epoch), int(step)):
+            fired.append(True)
+            x = torch.full_like(x, float("nan"))
+        return x, y
+
+    train.TrainState = TrackedState
+    _on_training_batch(fault)
+
+
+def raise_on_rank(train, rank: str, nth: str) -> None:
+    count = [0]
+
+    def fault(x, y, accelerator):
+        count[0] += 1
+        if accelerator.process_index == int(rank) and count[0] == int(nth):
+            raise RuntimeError(f"injected fault on rank {rank} at training batch {nth}")
+        return x, y
+
+    _on_training_batch(fault)
+
+
+FAULTS = {"kill-during": kill_during, "kill-after": kill_after, "nan-at": nan_at,
+          "raise-on-rank": raise_on_rank}
+
+
+def main() -> int:
+    kind, *params = os.environ["RESTE_FAULT"].split(":")
+    train = load_train_script()
+    FAULTS[kind](train, *params)
+    return train.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
