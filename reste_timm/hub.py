@@ -313,6 +313,9 @@ def strict_pretrained_filter(state_dict: Dict[str, Any], model: nn.Module) -> Di
     Raises:
         CheckpointError: Naming the weight source (folder, file or Hub id) and the key.
     """
+    from .packing import unpack_state_dict  # lazy: packing imports this module
+
+    state_dict = unpack_state_dict(state_dict)  # a packed folder (export_packed) loads like a float one
     cfg = getattr(model, "pretrained_cfg", {})
     exempt = {f"{c}.{p}" for c in _names(cfg.get("classifier")) for p in ("weight", "bias")}
     exempt |= {f"{c}.weight" for c in _names(cfg.get("first_conv"))}
