@@ -126,7 +126,8 @@ def plot_run(run_dir) -> List[Path]:
     _panel(axes[1], records, [("train_top1", "train"), ("val_top1", "val")], "top-1 (%)")
     _panel(axes[2], records, [("lr", "lr")], "learning rate")
     _panel(axes[3], records, [("o", "o")], "exponent o (start of epoch)")
-    fig.suptitle(run_dir.name)
+    name = "/".join(run_dir.resolve().parts[-2:])  # a study's runs are all named seed<N>: show the parent
+    fig.suptitle(name)
     paths = [_save(fig, run_dir / "curves.png")]
     if _series(records, "estimating_error")[1]:
         fig, axes = _figure(2)
@@ -134,7 +135,7 @@ def plot_run(run_dir) -> List[Path]:
         _panel(axes[0], records, errors, "estimating error (at o = o_end)")
         _panel(axes[1], records, [("gradient_stability", "gradient stability")],
                "gradient stability (var |grad w|)", log=True)
-        fig.suptitle(f"{run_dir.name}: indicators")
+        fig.suptitle(f"{name}: indicators")
         paths.append(_save(fig, run_dir / "indicators.png"))
     return paths
 
@@ -143,8 +144,9 @@ def plot_study(rows: Sequence[Dict[str, Any]], path, title: Optional[str] = None
     """Mean estimating error against summed gradient stability, one labelled point per estimator.
 
     Args:
-        rows: Aggregated rows (:func:`reste_timm.study.aggregate`): ``label``,
-            ``est_error_mean``, ``stability_mean`` and optional ``est_error_std``, ``stability_std``.
+        rows: Aggregated rows (:func:`reste_timm.study.aggregate`): ``estimator``, ``o_end``,
+            ``label``, ``est_error_mean``, ``stability_mean`` and, to draw each seed, optional
+            ``est_errors`` and ``stabilities`` (per-seed values).
         path: PNG file to write.
         title: Figure title.
 
@@ -162,15 +164,21 @@ def plot_study(rows: Sequence[Dict[str, Any]], path, title: Optional[str] = None
     if len(reste) > 1:  # ReSTE's trade-off curve, in the order of o_end
         ax.plot([r["est_error_mean"] for r in reste], [r["stability_mean"] for r in reste], color="tab:blue",
                 lw=0.8, alpha=0.6, label="ReSTE, by o_end")
+    above = {id(r): i % 2 == 0 for i, r in enumerate(reste)}  # alternate: neighbouring o_end sit close
     for row in rows:
         is_reste = row.get("estimator") == "reste"
-        ax.errorbar(row["est_error_mean"], row["stability_mean"], xerr=row.get("est_error_std") or 0.0,
-                    yerr=row.get("stability_std") or 0.0, fmt="o" if is_reste else "s", capsize=3,
-                    color="tab:blue" if is_reste else "tab:red")
-        # ReSTE labels above, the others below: STE and ReSTE o=1 sit on the same spot.
+        color = "tab:blue" if is_reste else "tab:red"
+        # Each seed as a faint hollow marker rather than ± bars, which a log axis cannot show below 0.
+        seeds = [p for p in zip(row.get("est_errors") or [], row.get("stabilities") or [], strict=False)
+                 if None not in p]
+        ax.scatter([p[0] for p in seeds], [p[1] for p in seeds], s=14, facecolors="none", edgecolors=color,
+                   alpha=0.6, lw=0.8)
+        ax.scatter([row["est_error_mean"]], [row["stability_mean"]], s=40, color=color,
+                   marker="o" if is_reste else "s", zorder=3)
+        offset = ((5, 4) if above[id(row)] else (5, -11)) if is_reste else (6, -3)
         ax.annotate(row["label"], (row["est_error_mean"], row["stability_mean"]), fontsize=8,
-                    xytext=(5, 4) if is_reste else (5, -11), textcoords="offset points")
-    values = [r["stability_mean"] for r in rows]
+                    xytext=offset, textcoords="offset points")
+    values = [v for r in rows for v in [r["stability_mean"], *(r.get("stabilities") or [])] if v is not None]
     if min(values) > 0 and max(values) / min(values) > 30:  # otherwise ReSTE's large o squash the rest
         ax.set_yscale("log")
     ax.set_xlabel("mean estimating error (over epochs; lower: closer to sign)")

@@ -167,7 +167,8 @@ def aggregate(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         Rows in the table's order (STE, ApproxSign, EDE, then ReSTE by ``o_end``) with ``estimator``,
         ``o_end``, ``label``, ``seeds``, ``n_seeds``, ``epochs`` (sorted distinct counts),
         ``max_train_steps``, ``top1_mean``/``_std``, ``est_error_mean``/``_std``,
-        ``stability_mean``/``_std``, ``train_seconds`` (per run) and ``run_dirs``.
+        ``stability_mean``/``_std``, the per-seed ``est_errors`` and ``stabilities``, ``train_seconds``
+        (per run) and ``run_dirs``.
     """
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for run in runs:
@@ -185,6 +186,8 @@ def aggregate(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "max_train_steps": sorted({r["max_train_steps"] for r in members}),
             "top1_mean": top1[0], "top1_std": top1[1], "est_error_mean": error[0], "est_error_std": error[1],
             "stability_mean": stability[0], "stability_std": stability[1],
+            "est_errors": [r["mean_estimating_error"] for r in members],
+            "stabilities": [r["sum_gradient_stability"] for r in members],
             "train_seconds": [r["train_seconds"] for r in members],
             "run_dirs": [r["run_dir"] for r in members],
         })
@@ -230,8 +233,8 @@ def render_table(rows: Sequence[Dict[str, Any]], meta: Optional[Dict[str, Any]] 
 
     Args:
         rows: Rows of :func:`aggregate`.
-        meta: ``model``, ``dataset``, ``baseline_o_end`` and anything else worth a line
-            (``command``, ``wall_s``).
+        meta: ``model``, ``dataset``, ``baseline_o_end``, optional ``notes`` (extra lines) and
+            ``command``, ``host``, ``wall_s``.
 
     Returns:
         The markdown text, ending with a newline.
@@ -240,7 +243,7 @@ def render_table(rows: Sequence[Dict[str, Any]], meta: Optional[Dict[str, Any]] 
     lines = [f"# Estimator study: {meta.get('model', '?')} on {meta.get('dataset', '?')}", ""]
     lines += ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
-    lines += [""] + [f"- {note}" for note in _notes(meta)]
+    lines += [""] + [f"- {note}" for note in [*_notes(meta), *meta.get("notes", [])]]
     if meta.get("command"):
         lines.append(f"- Command: `{meta['command']}`")
     seconds = [s for row in rows for s in row.get("train_seconds", []) if s is not None]

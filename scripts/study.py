@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (threads split over them)")
     p.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--report-only", action="store_true", help="no training: report the finished runs")
+    p.add_argument("--note", action="append", default=[], help="a line to add to study.md's notes")
     return p
 
 
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     meta = {"model": first.get("model"), "dataset": first.get("dataset"),
             "epochs": sorted({r["epochs"] for r in runs}),
             "seeds": sorted({r["seed"] for r in runs}), "config": args.config,
-            "baseline_o_end": args.baseline_o_end, "passthrough": passthrough,
+            "baseline_o_end": args.baseline_o_end, "passthrough": passthrough, "notes": args.note,
             "command": shlex.join(["python", "scripts/study.py", *(sys.argv[1:] if argv is None else argv)]),
             "host": f"{platform.machine()}, {os.cpu_count()} CPU threads visible",
             "wall_s": None if args.report_only else round(time.perf_counter() - start, 1)}

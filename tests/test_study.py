@@ -114,13 +114,16 @@ def test_table_has_one_parsable_row_per_config(study_dir):
 
 def test_report_only_rebuilds_the_report(study_dir, tmp_path, capsys):
     report = tmp_path / "report"
-    argv = ["--output-dir", str(study_dir), "--report-dir", str(report), "--report-only"]
+    argv = ["--output-dir", str(study_dir), "--report-dir", str(report), "--report-only",
+            "--note", "digits are not CIFAR-10"]
     assert load_script("study").main(argv) == 0
     printed = capsys.readouterr().out.split()
     names = ["study.md", "study.json", "study_scatter.png", "estimators.png"]
     assert printed == [str(report / n) for n in names]
     data = json.loads((report / "study.json").read_text())
     assert len(data["rows"]) == 3 and len(data["runs"]) == 4 and data["meta"]["dataset"] == "digits"
+    assert data["rows"][0]["est_errors"] == [9.0, 11.0]  # per seed, drawn as the scatter's small markers
+    assert "- digits are not CIFAR-10\n" in (report / "study.md").read_text()
     with Image.open(report / "study_scatter.png") as image:
         image.verify()
 
@@ -139,10 +142,12 @@ def test_other_flags_pass_through_to_train():
     assert args.seeds == [4] and passthrough == ["--lr", "0.05", "--workers", "1"]
 
 
-def test_real_study_end_to_end(tmp_path, capsys):
+def test_real_study_end_to_end(tmp_path, capsys, monkeypatch):
+    # Eager estimator backward in the train.py children: a one-step run would mostly pay the compile.
+    monkeypatch.setenv("RESTE_TIMM_FUSED_BACKWARD", "never")
     study = load_script("study")
     out = tmp_path / "runs"
-    argv = ["--estimators", "ste", "reste", "--o-ends", "2", "--seeds", "1", "--epochs", "1",
+    argv = ["--estimators", "ste", "reste", "--o-ends", "2", "--seeds", "1", "--epochs", "1", "--jobs", "2",
             "--output-dir", str(out), "--", "--warmup-epochs", "0", "--max-train-steps", "1",
             "--batch-size", "32"]
     assert study.main(argv) == 0, (out / "reste_o2/seed1/train.log").read_text()[-3000:]
