@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,12 @@ class BnHeadMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def reste_cfg(variant: str, **kwargs) -> Dict[str, Any]:
+    """A pretrained cfg with the fields all models here share; each family's ``_cfg`` adds its own."""
+    return {"hf_hub_id": hub_id(variant), "interpolation": "bilinear", "mean": RESTE_MEAN, "std": RESTE_STD,
+            "first_conv": "conv1", "license": "apache-2.0", **kwargs}
 
 
 def hub_id(variant: str) -> str:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..hub import strict_pretrained_filter
-from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, hub_id, make_conv_factory
+from ._common import BnHeadMixin, make_conv_factory, reste_cfg
 
 __all__ = ["CifarResNet"]
 
@@ -150,12 +150,8 @@ def _create_cifar_resnet(variant: str, arch: str, pretrained: bool = False, **kw
 
 
 def _cfg(variant: str, pool_size=(8, 8), **kwargs) -> Dict[str, Any]:
-    return {
-        "hf_hub_id": hub_id(variant), "num_classes": 10, "input_size": (3, 32, 32),
-        "pool_size": pool_size, "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": RESTE_MEAN, "std": RESTE_STD, "first_conv": "conv1", "classifier": "linear",
-        "license": "apache-2.0", **kwargs,
-    }
+    return reste_cfg(variant, num_classes=10, input_size=(3, 32, 32), pool_size=pool_size, crop_pct=1.0,
+                     classifier="linear", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..hub import strict_pretrained_filter
-from ._common import RESTE_MEAN, RESTE_STD, BnHeadMixin, hub_id, make_conv_factory
+from ._common import BnHeadMixin, make_conv_factory, reste_cfg
 
 __all__ = ["BinaryResNet"]
 
@@ -104,12 +104,8 @@ def _create_binary_resnet(variant: str, pretrained: bool = False, **kwargs) -> B
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
-    return {
-        "hf_hub_id": hub_id(variant), "num_classes": 1000, "input_size": (3, 224, 224),
-        "pool_size": (7, 7), "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": RESTE_MEAN, "std": RESTE_STD, "first_conv": "conv1", "classifier": "fc",
-        "license": "apache-2.0", **kwargs,
-    }
+    return reste_cfg(variant, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                     classifier="fc", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..hub import strict_pretrained_filter
-from ._common import RESTE_MEAN, RESTE_STD, hub_id, make_conv_factory
+from ._common import make_conv_factory, reste_cfg
 
 __all__ = ["VGGSmall"]
 
@@ -123,12 +123,8 @@ def _create_vgg_small(variant: str, pretrained: bool = False, **kwargs) -> VGGSm
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
-    return {
-        "hf_hub_id": hub_id(variant), "num_classes": 10, "input_size": (3, 32, 32),
-        "pool_size": (4, 4), "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": RESTE_MEAN, "std": RESTE_STD, "first_conv": "conv0", "classifier": "fc",
-        "license": "apache-2.0", **kwargs,
-    }
+    return reste_cfg(variant, num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
+                     first_conv="conv0", classifier="fc", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
