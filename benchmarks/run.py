@@ -8,7 +8,8 @@
 (c) Packed export: file sizes against float32 safetensors, and inference latency of the rebuilt
     model (``load_packed``) against the float one.
 
-Usage: ``python benchmarks/run.py [--device cpu|cuda] [--threads 2] [--json out.json] [--quick]``.
+Usage: ``python benchmarks/run.py [--device cpu|cuda] [--threads 2] [--json out.json] [--quick]
+[--malloc tuned|default]``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from baseline_masked import masked_sign_reste  # noqa: E402
 from timing import interleaved, peak_step_memory, stats  # noqa: E402
 
 import reste_timm  # noqa: E402, F401  (registers the models)
+from reste_timm.allocator import tune_cpu_allocator  # noqa: E402
 from reste_timm.estimators import set_fused_backward, sign_reste  # noqa: E402
 from reste_timm.packing import export_packed, load_packed, summary  # noqa: E402
 
@@ -111,7 +113,7 @@ def _trainer(name: str, batch: int, size: int, device: torch.device):
 
 # (binary model, full-precision twin, batch, input size, rounds, rounds when --quick (0: skipped))
 _PAIRS = [
-    ("resnet20_1w1a_reste", "resnet20_cifar_fp", 128, 32, 10, 3),
+    ("resnet20_1w1a_reste", "resnet20_cifar_fp", 128, 32, 20, 3),
     ("resnet18_cifar_1w1a_reste", "resnet18_cifar_fp", 128, 32, 3, 0),
     ("vgg_small_1w1a_reste", "vgg_small_fp", 128, 32, 3, 0),
     # No FP twin is registered for the ImageNet model: the same architecture with binary=False.
@@ -133,6 +135,7 @@ def bench_training(device: torch.device, quick: bool) -> list:
             row[f"{role}_img_s"] = batch / s["median_s"]
             row[f"{role}_img_s_best"] = batch / s["min_s"]
             row[f"{role}_cpu_s"] = s["cpu_median_s"]
+            row[f"{role}_faults"] = s["faults_median"]
             # --quick skips the profiled step on CPU (the profiler costs seconds per step).
             row[f"{role}_peak"] = (peak_step_memory(steps[name], device) if not quick or device.type == "cuda"
                                    else {"peak_bytes": None, "method": "skipped (--quick)"})
@@ -216,14 +219,15 @@ def _print_training(rows: list) -> None:
     print("\n(b) Training step (SGD, random data): img/s median (best); ratio binary/FP of the medians "
           "(of the bests; of the process CPU times); peak step memory MB")
     print(f"{'binary model':<27} {'FP twin':<26} {'batch':>5} {'binary img/s':>15} {'FP img/s':>15} "
-          f"{'ratio (best; cpu)':>19} {'peak MB bin/FP':>15}")
+          f"{'ratio (best; cpu)':>19} {'peak MB bin/FP':>15} {'faults/step bin/FP':>19}")
     for r in rows:
         peaks = [r[f"{role}_peak"]["peak_bytes"] for role in ("binary", "fp")]
         mem = "-" if None in peaks else f"{peaks[0] / 1e6:.0f}/{peaks[1] / 1e6:.0f}"
         print(f"{r['binary']:<27} {r['fp']:<26} {r['batch']:>5} "
               f"{r['binary_img_s']:>7.1f} ({r['binary_img_s_best']:>5.1f}) "
               f"{r['fp_img_s']:>7.1f} ({r['fp_img_s_best']:>5.1f}) "
-              f"{r['ratio']:>5.2f} ({r['ratio_best']:.2f}; {r['ratio_cpu']:.2f}) {mem:>15}")
+              f"{r['ratio']:>5.2f} ({r['ratio_best']:.2f}; {r['ratio_cpu']:.2f}) {mem:>15} "
+              f"{r['binary_faults']:>9.0f}/{r['fp_faults']:.0f}")
     if rows:
         print(f"  peak memory: {rows[0]['binary_peak']['method']}")
 
@@ -251,13 +255,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and models (about a minute)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="CPU: tune glibc's allocator as train.py does (reste_timm.allocator), or not")
     args = parser.parse_args(argv)
+    # One process, one allocator setting: every candidate of every comparison runs under the same one.
+    malloc = "tuned" if args.malloc == "tuned" and tune_cpu_allocator() else "default"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "machine": platform.machine(), "cpus": os.cpu_count(), "quick": args.quick,
-           "loadavg_start": os.getloadavg()}
+           "loadavg_start": os.getloadavg(), "malloc": malloc}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     print(f"env: {env}", flush=True)

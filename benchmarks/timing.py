@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -22,20 +23,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
-    """``(wall, cpu)`` seconds of one call: CUDA events on GPU, perf_counter on CPU; ``cpu`` is the
-    process CPU time (all threads), less sensitive to other processes on a shared machine."""
-    c0 = time.process_time()
+def time_call(fn: Callable[[], object], device: torch.device) -> Tuple[float, float, int]:
+    """``(wall, cpu, faults)`` of one call: wall seconds from CUDA events on GPU, perf_counter on CPU;
+    ``cpu`` the process CPU time (all threads), less sensitive to other processes on a shared machine;
+    ``faults`` the process's minor page faults during the call (memory the OS had to map in)."""
+    c0, f0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3, time.process_time() - c0
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - c0
+        wall = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    return wall, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, device: torch.device,
@@ -43,25 +47,24 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, device: torch
     """Times every candidate once per round, round after round.
 
     Returns:
-        ``{name: {"wall": [s, ...], "cpu": [s, ...]}}``.
+        ``{name: {"wall": [s, ...], "cpu": [s, ...], "faults": [n, ...]}}``.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
-    times = {name: {"wall": [], "cpu": []} for name in fns}
+    times = {name: {"wall": [], "cpu": [], "faults": []} for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            wall, cpu = time_call(fn, device)
-            times[name]["wall"].append(wall)
-            times[name]["cpu"].append(cpu)
+            for key, value in zip(("wall", "cpu", "faults"), time_call(fn, device), strict=True):
+                times[name][key].append(value)
     return times
 
 
 def stats(times: Dict[str, List[float]]) -> Dict[str, float]:
     wall, cpu = times["wall"], times["cpu"]
     return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_median_s": statistics.median(cpu),
-            "n": len(wall)}
+            "faults_median": statistics.median(times["faults"]), "n": len(wall)}
 
 
 def peak_step_memory(step: Callable[[], object], device: torch.device) -> Dict[str, object]:

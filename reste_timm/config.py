@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold small datasets on the accelerator and augment there")
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, counted")
     g.add_argument("--workers", type=int, default=0)
+    g.add_argument("--cpu-malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed activation memory in the process (reste_timm.allocator)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=256, help="per process")
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     """Checks and converts one YAML value with the flag's own type and choices."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value

@@ -149,6 +149,10 @@ class _BackwardKernel:
                  accepts: Callable[[Sequence[float]], bool] = lambda params: True):
         self.name, self.fused, self.eager, self.accepts = name, fused, eager, accepts
         self._compiled: Optional[Callable] = None
+        self._compiled_with_sign: Optional[Callable] = None
+        # The last parameters as a tensor: o changes once per epoch (or step), the kernel runs once per
+        # binary layer per step, so building a new tensor each call would be wasted work.
+        self._param_cache: Tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
 
     def _fused_applies(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> bool:
         if _fused_mode == "never" or x.numel() < FUSED_MIN_NUMEL or x.dtype != grad.dtype:
@@ -160,14 +164,26 @@ class _BackwardKernel:
         # Inside an outer torch.compile the eager ops are traced and fused by the outer graph.
         return not torch.compiler.is_compiling()
 
-    def _fused_call(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]):
+    def _params(self, params: Sequence[float], device: torch.device) -> torch.Tensor:
+        key = (tuple(params), device)
+        if self._param_cache[0] != key:
+            self._param_cache = (key, torch.tensor(params, dtype=torch.float64, device=device))
+        return self._param_cache[1]
+
+    def _fused_call(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
         global _fused_mode
         flat = _flat_pair(x, grad)
         if flat is None:
             return None
         x_flat, grad_flat, restore = flat
-        p = torch.tensor(params, dtype=torch.float64, device=x.device)
+        p = self._params(params, x.device)
         try:
+            if with_sign:
+                if self._compiled_with_sign is None:
+                    self._compiled_with_sign = torch.compile(_with_sign(self.fused), dynamic=True,
+                                                             fullgraph=True)
+                sign_flat = self._compiled_with_sign(x_flat, grad_flat, p)
+                return grad, restore(sign_flat)
             if self._compiled is None:
                 self._compiled = torch.compile(self.fused, dynamic=True, fullgraph=True)
             return restore(self._compiled(x_flat, grad_flat, p))
@@ -179,10 +195,37 @@ class _BackwardKernel:
 
     def __call__(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> torch.Tensor:
         if self._fused_applies(x, grad, params):
-            out = self._fused_call(x, grad, params)
+            out = self._fused_call(x, grad, params, with_sign=False)
             if out is not None:
                 return out
         return self.eager(x, grad, *params)
+
+    def grad_and_sign(self, x: torch.Tensor, grad: torch.Tensor,
+                      params: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(grad * factor(x), sign(x))``, in one pass over ``x`` on the fused path.
+
+        The fused path writes the first result into ``grad``, so the caller must own ``grad`` (a fresh
+        buffer nobody else reads). :class:`BinaryConv2d` uses it
+        between the two halves of its conv backward: the input gradient needs no ``sign(x)``, the
+        weight gradient does, so one pass over ``x`` serves both instead of two.
+        """
+        if self._fused_applies(x, grad, params):
+            out = self._fused_call(x, grad, params, with_sign=True)
+            if out is not None:
+                return out
+        return self.eager(x, grad, *params), torch.sign(x)
+
+
+def _with_sign(fused: Callable) -> Callable:
+    """The fused kernel that also returns ``sign(x)`` and writes its result into ``grad``."""
+
+    def fused_with_sign(x, grad, p):
+        # The copy into the input is re-inplaced by inductor: one loop reads x and grad once and
+        # writes grad and sign(x).
+        grad.copy_(fused(x, grad, p))
+        return torch.sign(x)
+
+    return fused_with_sign
 
 
 _LOG2_E = 1.4426950408889634

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import reste_timm  # noqa: F401  (registers the models)
+from reste_timm.allocator import tune_cpu_allocator
 from reste_timm.annealing import ExponentAnnealing, annealed_exponent
 from reste_timm.config import parse_config
 from reste_timm.data import (
@@ -272,6 +273,8 @@ def main(argv=None) -> int:
     args = parse_config(argv)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
+    if args.cpu_malloc_tuning and accelerator.device.type == "cpu":
+        tune_cpu_allocator()
     set_seed(args.seed)
     try:
         model, optimizer, scheduler, annealing, state, loaders = setup(args, accelerator)

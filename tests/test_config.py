@@ -24,6 +24,13 @@ def test_yaml_then_command_line(tmp_path):
     assert args.output_dir.endswith("outputs/cfg")
 
 
+def test_on_off_flag_from_yaml_and_command_line(tmp_path):
+    assert parse_config([]).cpu_malloc_tuning is True
+    cfg = write(tmp_path, {"cpu-malloc-tuning": False})
+    assert parse_config(["--config", cfg]).cpu_malloc_tuning is False
+    assert parse_config(["--config", cfg, "--cpu-malloc-tuning"]).cpu_malloc_tuning is True
+
+
 def test_every_shipped_config_parses():
     configs = sorted((ROOT / "configs").rglob("*.yaml"))
     assert len(configs) >= 15
@@ -43,6 +50,7 @@ def test_every_shipped_config_parses():
     ({"estimator": "magic"}, "unknown estimator 'magic'"),
     ({"dataset": "nonsense"}, "unknown dataset 'nonsense'"),
     ({"cal_ind": "yes"}, "key 'cal_ind'"),
+    ({"cpu_malloc_tuning": 1}, "key 'cpu_malloc_tuning'"),
     ({"anneal": "hourly"}, "key 'anneal'"),
     ("epochs: [1, 2", "not valid YAML"),
 ])

@@ -229,3 +229,36 @@ def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv
     # The plain path keeps x (estimator) and sign(x) (conv); the fused one only x.
     act = x1.numel() * x1.element_size()
     assert _saved_bytes(plain, x2) - _saved_bytes(fused, x1) == act
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("needs", ["both", "input", "weight"])
+def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste, memory_format, needs):
+    """Float32 and large enough for the compiled kernel: the one-pass gradient-and-sign backward."""
+    from reste_timm import estimators
+
+    estimators.set_fused_backward("auto")
+    fused = BinaryConv2d(8, 8, 3, padding=1, bias=True).to(memory_format=memory_format)
+    plain = BinaryConv2d(8, 8, 3, padding=1, bias=True, estimator=plain_reste).to(memory_format=memory_format)
+    plain.load_state_dict(fused.state_dict())
+    for layer in (fused, plain):
+        set_exponent(layer, 2.5)
+        layer.weight.requires_grad_(needs != "input")
+    torch.manual_seed(2)
+    x = torch.randn(4, 8, 48, 48).contiguous(memory_format=memory_format)  # 73,728 >= FUSED_MIN_NUMEL
+    x[0, 0, 0, :5] = 0.0
+    x1, x2 = x.clone().requires_grad_(needs != "weight"), x.clone().requires_grad_(needs != "weight")
+    out1, out2 = fused(x1), plain(x2)
+    assert out1.grad_fn.name().startswith("_SignConv2d") and torch.equal(out1, out2)
+    up = torch.randn(out1.shape)
+    out1.backward(up)
+    out2.backward(up)
+    if needs != "weight":
+        # Same formula, float32 rounding of the power computed two ways: a few ulps.
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=2e-6, atol=1e-6)
+        assert x1.grad.is_contiguous(memory_format=memory_format)
+    if needs != "input":
+        torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
+    assert estimators.fused_backward_mode() == "auto"  # the compiled kernels ran: no silent fallback
