@@ -22,6 +22,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from . import _ckernel
+
 __all__ = [
     "sign_ste",
     "sign_reste",
@@ -81,7 +83,7 @@ def reste_equivalent_forward(x: torch.Tensor, o: float) -> torch.Tensor:
 # float32 ulps of the closed form (tests/test_estimators.py checks it).
 # ---------------------------------------------------------------------------------------------------
 
-_FUSED_MODES = ("auto", "always", "never")
+_FUSED_MODES = ("auto", "compile", "always", "never")
 _fused_mode = os.environ.get("RESTE_TIMM_FUSED_BACKWARD", "auto").lower()
 if _fused_mode not in _FUSED_MODES:
     _fused_mode = "auto"
@@ -94,10 +96,13 @@ def set_fused_backward(mode: str) -> None:
     """Chooses how the estimators' backward runs.
 
     Args:
-        mode: ``"auto"`` (default; also env ``RESTE_TIMM_FUSED_BACKWARD``): a ``torch.compile`` d fused
-            kernel for CPU tensors of at least ``FUSED_MIN_NUMEL`` elements, falling back to eager for
-            good (with one warning) if compiling fails; ``"always"``: the same on every device (CUDA
-            needs Triton); ``"never"``: eager only. The numbers are the same up to rounding.
+        mode: ``"auto"`` (default; also env ``RESTE_TIMM_FUSED_BACKWARD``): on CPU, ReSTE's float32
+            backward runs in a small C loop built on first use (:mod:`reste_timm._ckernel`, any size),
+            the other cases in a ``torch.compile`` d fused kernel for tensors of at least
+            ``FUSED_MIN_NUMEL`` elements, falling back to eager for good (with one warning) if
+            compiling fails; ``"compile"``: the same without the C loop; ``"always"``: the C loop on
+            CPU and compiled kernels on every device (CUDA needs Triton); ``"never"``: eager only.
+            The numbers are the same up to float32 rounding.
 
     Raises:
         ValueError: unknown mode.
@@ -143,11 +148,14 @@ class _BackwardKernel:
         fused: ``fn(x_flat, grad_flat, params_tensor)``, pure torch ops, compiled on first use.
         eager: ``fn(x, grad, *params)`` with Python floats.
         accepts: ``fn(params) -> bool``, False for parameters the fused form does not cover.
+        native: ``fn(x_flat, grad_flat, params, out_flat, sign_flat_or_None) -> bool`` for contiguous
+            float32 CPU tensors (False when unavailable), tried before the compiled kernel.
     """
 
     def __init__(self, name: str, fused: Callable, eager: Callable,
-                 accepts: Callable[[Sequence[float]], bool] = lambda params: True):
-        self.name, self.fused, self.eager, self.accepts = name, fused, eager, accepts
+                 accepts: Callable[[Sequence[float]], bool] = lambda params: True,
+                 native: Optional[Callable] = None):
+        self.name, self.fused, self.eager, self.accepts, self.native = name, fused, eager, accepts, native
         self._compiled: Optional[Callable] = None
         self._compiled_with_sign: Optional[Callable] = None
         # The last parameters as a tensor: o changes once per epoch (or step), the kernel runs once per
@@ -159,7 +167,7 @@ class _BackwardKernel:
             return False
         if not self.accepts(params):
             return False
-        if _fused_mode == "auto" and x.device.type != "cpu":
+        if _fused_mode in ("auto", "compile") and x.device.type != "cpu":
             return False
         # Inside an outer torch.compile the eager ops are traced and fused by the outer graph.
         return not torch.compiler.is_compiling()
@@ -193,7 +201,25 @@ class _BackwardKernel:
                           RuntimeWarning, stacklevel=2)
             return None
 
+    def _native_call(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
+        if (self.native is None or _fused_mode in ("never", "compile") or x.device.type != "cpu"
+                or x.dtype != torch.float32 or grad.dtype != torch.float32 or not self.accepts(params)
+                or torch.compiler.is_compiling()):
+            return None
+        flat = _flat_pair(x, grad)
+        if flat is None:
+            return None
+        x_flat, grad_flat, restore = flat
+        out = grad_flat if with_sign else torch.empty_like(grad_flat)
+        sign = torch.empty_like(x_flat) if with_sign else None
+        if not self.native(x_flat, grad_flat, params, out, sign):
+            return None
+        return (grad, restore(sign)) if with_sign else restore(out)
+
     def __call__(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> torch.Tensor:
+        out = self._native_call(x, grad, params, with_sign=False)
+        if out is not None:
+            return out
         if self._fused_applies(x, grad, params):
             out = self._fused_call(x, grad, params, with_sign=False)
             if out is not None:
@@ -204,11 +230,14 @@ class _BackwardKernel:
                       params: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(grad * factor(x), sign(x))``, in one pass over ``x`` on the fused path.
 
-        The fused path writes the first result into ``grad``, so the caller must own ``grad`` (a fresh
-        buffer nobody else reads). :class:`BinaryConv2d` uses it
-        between the two halves of its conv backward: the input gradient needs no ``sign(x)``, the
-        weight gradient does, so one pass over ``x`` serves both instead of two.
+        The fused paths write the first result into ``grad``, so the caller must own ``grad`` (a
+        fresh buffer nobody else reads). :class:`BinaryConv2d` uses it between the two halves of its
+        conv backward: the input gradient needs no ``sign(x)``, the weight gradient does, so one pass
+        over ``x`` serves both instead of two.
         """
+        out = self._native_call(x, grad, params, with_sign=True)
+        if out is not None:
+            return out
         if self._fused_applies(x, grad, params):
             out = self._fused_call(x, grad, params, with_sign=True)
             if out is not None:
@@ -298,7 +327,8 @@ def _ede_eager(x, grad, kt, t):
 
 # The bit-level log2 needs |x| clamped at a normal float32: m >= 2^-126.
 _RESTE_KERNEL = _BackwardKernel("ReSTE", _reste_fused, _reste_eager,
-                                accepts=lambda p: p[0] >= torch.finfo(torch.float32).tiny)
+                                accepts=lambda p: p[0] >= torch.finfo(torch.float32).tiny,
+                                native=_ckernel.reste_grad)
 _STE_KERNEL = _BackwardKernel("STE", _ste_fused, _ste_eager)
 _APPROX_KERNEL = _BackwardKernel("ApproxSign", _approx_fused, _approx_eager)
 _EDE_KERNEL = _BackwardKernel("EDE", _ede_fused, _ede_eager)

@@ -77,9 +77,9 @@ def _use(mode: str, monkeypatch) -> None:
     set_fused_backward(mode)
 
 
-@pytest.fixture(params=["never", "auto"])
+@pytest.fixture(params=["never", "compile", "auto"])
 def mode(request, monkeypatch):
-    """Runs a test with the eager kernels, then with the fused (compiled) kernels."""
+    """Runs a test with the eager kernels, the compiled kernels, then the default (C loop for ReSTE)."""
     _use(request.param, monkeypatch)
     yield request.param
     set_fused_backward("auto")
@@ -92,11 +92,13 @@ def eager(monkeypatch):
     set_fused_backward("auto")
 
 
-@pytest.fixture
-def fused(monkeypatch):
-    _use("auto", monkeypatch)
+@pytest.fixture(params=["compile", "auto"])
+def fused(request, monkeypatch):
+    """The compiled kernels, then the default ("auto": ReSTE's float32 backward in the C loop)."""
+    _use(request.param, monkeypatch)
     yield
-    assert est.fused_backward_mode() == "auto"  # the compiled kernel ran: no silent fallback
+    assert est.fused_backward_mode() == request.param  # the fast kernel ran: no silent fallback
+    set_fused_backward("auto")
 
 
 def _inputs(dtype: torch.dtype, n: int = 600) -> torch.Tensor:
@@ -185,8 +187,9 @@ def test_closed_form_helper_matches_the_table():
         torch.testing.assert_close(reste_backward_factor(x, o), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_path_matches_closed_form_on_a_large_channels_last_tensor():
-    set_fused_backward("auto")  # with the default size threshold
+@pytest.mark.parametrize("fused_mode", ["compile", "auto"])
+def test_fused_path_matches_closed_form_on_a_large_channels_last_tensor(fused_mode):
+    set_fused_backward(fused_mode)  # with the default size threshold
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(8, 16, 32, 32, generator=gen) * 1.2).contiguous(memory_format=torch.channels_last)
     assert x.numel() >= est.FUSED_MIN_NUMEL
@@ -196,14 +199,15 @@ def test_fused_path_matches_closed_form_on_a_large_channels_last_tensor():
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     expected = reste_backward_factor(x.detach().double(), 2.7) * up.double()
     torch.testing.assert_close(x.grad.double(), expected, rtol=2e-6, atol=2e-6)
-    assert est.fused_backward_mode() == "auto"  # the compiled kernel worked (no silent fallback)
+    assert est.fused_backward_mode() == fused_mode  # the fast kernel worked (no silent fallback)
+    set_fused_backward("auto")
 
 
 def test_new_exponent_does_not_recompile(monkeypatch):
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(est, "FUSED_MIN_NUMEL", 0)
-    set_fused_backward("auto")
+    set_fused_backward("compile")
     x = torch.randn(5000, requires_grad=True)
     sign_reste(x, 1.2).sum().backward()
     graphs = counters["stats"]["unique_graphs"]
@@ -212,6 +216,7 @@ def test_new_exponent_does_not_recompile(monkeypatch):
         sign_reste(x, o).sum().backward()
         torch.testing.assert_close(x.grad, reste_backward_factor(x.detach(), o), rtol=2e-6, atol=2e-6)
     assert counters["stats"]["unique_graphs"] == graphs
+    set_fused_backward("auto")
 
 
 def test_failed_compile_falls_back_to_eager(monkeypatch):

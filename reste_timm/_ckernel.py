@@ -1,0 +1,167 @@
+"""The ReSTE backward for float32 CPU tensors as a small C loop, compiled on first use.
+
+Why not only ``torch.compile``: the inductor kernel of the same expression calls Sleef's ``exp2``
+out of line and round-trips its bit casts through memory, so each element's ~45 dependent
+operations run one vector at a time (about 11 cycles per element on one x86_64 core, against 2
+for a plain multiply). Here the powers are inline (bit-level ``log2`` as in
+:func:`reste_timm.estimators._log2_float32`, a degree-7 Taylor ``exp2`` on ``[-1/2, 1/2]`` and an
+exponent-bit scaling), so the compiler vectorizes the loop and keeps several vectors in flight.
+``benchmarks/run.py`` measures both.
+
+The source is plain C (no PyTorch headers, about a second to build); the library is cached under
+``$RESTE_TIMM_CACHE`` (default ``~/.cache/reste_timm``), keyed by a hash of the source, the compiler
+flags and the machine, and written atomically. Without a C compiler, or if the build fails,
+:func:`load` returns None and the callers keep the ``torch.compile`` d or eager kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["load", "reste_grad"]
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* log2 of a positive normal float: exponent bits plus 2 atanh(s) / ln 2, |s| <= 0.2 (series to s^9). */
+static inline float log2_pos(float y) {
+    int32_t bits, mbits;
+    float u, s, s2, series;
+    memcpy(&bits, &y, 4);
+    bits -= 0x3F2AAAAB;                       /* bits of 2/3: the mantissa lands in [2/3, 4/3) */
+    mbits = (bits & 0x7FFFFF) + 0x3F2AAAAB;
+    memcpy(&u, &mbits, 4);
+    s = (u - 1.0f) / (u + 1.0f);
+    s2 = s * s;
+    series = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+    return (float)(bits >> 23) + 2.8853900817779268f * s * series;  /* 2 / ln 2 */
+}
+
+/* 2^z for z in [-126, 126]: 2^n times a degree-7 Taylor polynomial of 2^r, r in [-1/2, 1/2]
+   (truncation below 6e-9 relative). */
+static inline float exp2_mid(float z) {
+    float n = __builtin_floorf(z + 0.5f), r = z - n, p;
+    int32_t bits;
+    p = TAYLOR7;
+    p = p * r + TAYLOR6;
+    p = p * r + TAYLOR5;
+    p = p * r + TAYLOR4;
+    p = p * r + TAYLOR3;
+    p = p * r + TAYLOR2;
+    p = p * r + TAYLOR1;
+    p = p * r + 1.0f;
+    memcpy(&bits, &p, 4);
+    bits += (int32_t)n << 23;
+    memcpy(&p, &bits, 4);
+    return p;
+}
+
+static inline float reste_factor(float xv, float m, float t, float secant, float inv_o, float power) {
+    float ax = __builtin_fabsf(xv);
+    float z = log2_pos(ax > m ? ax : m) * power;
+    float f;
+    z = z < -126.0f ? -126.0f : (z > 126.0f ? 126.0f : z);
+    f = exp2_mid(z) * inv_o;
+    return ax <= m ? secant : (ax <= t ? f : 0.0f);
+}
+
+/* grad_out = grad * f(x), f the ReSTE factor; sign_out (may be NULL) = sign(x) as torch.sign gives it
+   (0 for 0 and NaN). grad_out may alias grad. Two loops, so that each is branch-free and vectorizes. */
+void reste_grad(const float *x, const float *grad, float *grad_out, float *sign_out, int64_t n,
+                float m, float t, float secant, float inv_o, float power, int threads) {
+    if (sign_out) {
+        #pragma omp parallel for simd num_threads(threads) schedule(static) if (parallel: threads > 1)
+        for (int64_t i = 0; i < n; i++) {
+            float xv = x[i];
+            grad_out[i] = grad[i] * reste_factor(xv, m, t, secant, inv_o, power);
+            sign_out[i] = (float)((xv > 0.0f) - (xv < 0.0f));
+        }
+    } else {
+        #pragma omp parallel for simd num_threads(threads) schedule(static) if (parallel: threads > 1)
+        for (int64_t i = 0; i < n; i++)
+            grad_out[i] = grad[i] * reste_factor(x[i], m, t, secant, inv_o, power);
+    }
+}
+"""
+
+# ln(2)^k / k!, the Taylor coefficients of 2^r, spelled out as float literals for the C source.
+_TAYLOR = "".join(f"#define TAYLOR{k} {math.log(2) ** k / math.factorial(k):.17g}f\n" for k in range(1, 8))
+_SOURCE = _TAYLOR + _SOURCE
+# No -ffast-math: NaN, comparisons and rounding keep IEEE semantics; the two -fno flags only let the
+# compiler assume no errno and no FP traps (unused here), which it needs to if-convert and vectorize.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC",
+          "-std=c99"]
+_lock = threading.Lock()
+_state = {"tried": False, "lib": None}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RESTE_TIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reste_timm")
+    return Path(root) / "kernels"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "reste_grad.c", Path(tmp) / target.name
+        src.write_text(_SOURCE)
+        subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(out, target)  # atomic: a concurrent process sees no half-written library
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernel library, building it on first use; None where that is not possible."""
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None or platform.system() != "Linux":
+            return None
+        key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, platform.machine(),
+                                        platform.processor()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"reste_grad_{key}.so"
+        try:
+            if not target.exists():
+                _build(compiler, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError):
+            return None
+        fn = lib.reste_grad
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 5 + [ctypes.c_int]
+        _state["lib"] = lib
+        return lib
+
+
+def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: torch.Tensor,
+               sign_out: Optional[torch.Tensor] = None) -> bool:
+    """Writes ``grad * factor(x)`` into ``out`` (and ``sign(x)`` into ``sign_out``); False if unavailable.
+
+    Args:
+        x, grad, out, sign_out: Contiguous 1-D float32 CPU tensors of one length (``out`` may be
+            ``grad``).
+        params: ``(m, t, secant, 1/o, (1-o)/o)``, as the ReSTE kernels take them.
+    """
+    lib = load()
+    if lib is None:
+        return False
+    m, t, secant, inv_o, power = (float(v) for v in params)
+    lib.reste_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(),
+                   None if sign_out is None else sign_out.data_ptr(), x.numel(), m, t, secant, inv_o, power,
+                   torch.get_num_threads())
+    return True

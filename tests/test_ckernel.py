@@ -1,0 +1,98 @@
+"""The C loop of ReSTE's float32 CPU backward: closed form, sign output, caching and the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reste_timm import _ckernel
+from reste_timm import estimators as est
+from reste_timm.estimators import reste_backward_factor, sign_reste
+
+needs_kernel = pytest.mark.skipif(_ckernel.load() is None, reason="no C compiler on this machine")
+
+
+def _reference(x: torch.Tensor, o: float) -> torch.Tensor:
+    """The closed form with |x| compared to m and t rounded to float32, as the kernels compare."""
+    ax = x.abs()
+    m32, t32 = torch.tensor(0.1).item(), torch.tensor(1.5).item()
+    power = ax.double().clamp_min(0.1).pow((1 - o) / o) / o
+    secant = torch.full_like(power, 0.1 ** (1 / o) / 0.1)
+    return torch.where(ax <= m32, secant, torch.where(ax <= t32, power, torch.zeros_like(power)))
+
+
+def _inputs() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    special = [0.0, -0.0, 0.1, -0.1, 0.1 + 1e-7, 1.5, -1.5, 1.5 + 1e-6, 1e-38, -3e38, float("nan"),
+               float("inf"), -float("inf")]
+    return torch.cat([torch.tensor(special), torch.linspace(-2, 2, 20001),
+                      torch.randn(100_000, generator=gen)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("o", [1.0001, 1.3, 2.0, 3.0, 4.0, 16.0])
+def test_factor_matches_closed_form_and_sign_matches_torch(o):
+    x = _inputs()
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(x.shape, generator=gen)
+    out, sign = torch.empty_like(x), torch.empty_like(x)
+    params = est._reste_surrogate(o)[1]
+    assert _ckernel.reste_grad(x, grad, params, out, sign)
+    expected = _reference(x, o) * grad.double()
+    # A few float32 ulps: the powers are computed, not looked up.
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0.0, equal_nan=True)
+    assert torch.equal(out[expected == 0], expected[expected == 0].float())  # beyond t: exactly 0
+    assert torch.equal(sign, torch.sign(x))  # 0 for +-0 and NaN, as torch.sign gives it
+    alias = grad.clone()  # in place, as BinaryConv2d's backward calls it
+    assert _ckernel.reste_grad(x, alias, params, alias)
+    assert torch.equal(alias, out)
+
+
+@needs_kernel
+def test_estimator_backward_takes_the_c_loop(monkeypatch):
+    calls = []
+    real = _ckernel.reste_grad
+
+    def counting(*args):
+        calls.append(args[0].numel())
+        return real(*args)
+
+    monkeypatch.setattr(est._RESTE_KERNEL, "native", counting)
+    est.set_fused_backward("auto")
+    x = torch.randn(3, 5, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    up = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    sign_reste(x, 2.5).backward(up)
+    assert calls == [x.numel()]
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x.grad, reste_backward_factor(x.detach(), 2.5) * up, rtol=2e-6, atol=2e-6)
+    est.set_fused_backward("compile")  # the C loop is skipped in "compile" and "never"
+    sign_reste(x, 2.5).backward(up)
+    assert len(calls) == 1
+    est.set_fused_backward("auto")
+
+
+def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTE_TIMM_CACHE", str(tmp_path))
+    monkeypatch.setattr(_ckernel, "_state", {"tried": False, "lib": None})
+    lib = _ckernel.load()
+    if lib is None:
+        pytest.skip("no C compiler on this machine")
+    built = list((tmp_path / "kernels").glob("reste_grad_*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("tmp*"))  # no temp left behind
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(_ckernel, "_state", {"tried": False, "lib": None})
+    assert _ckernel.load() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_without_a_compiler_the_other_kernels_serve(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTE_TIMM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(_ckernel, "_state", {"tried": False, "lib": None})
+    assert _ckernel.load() is None
+    x, up = torch.randn(1000), torch.randn(1000)
+    assert not _ckernel.reste_grad(x, up, est._reste_surrogate(2.0)[1], torch.empty_like(x))
+    est.set_fused_backward("auto")
+    xr = x.clone().requires_grad_()
+    sign_reste(xr, 2.0).backward(up)  # eager (small) or compiled: the same numbers
+    torch.testing.assert_close(xr.grad, reste_backward_factor(x, 2.0) * up, rtol=2e-6, atol=2e-6)
