@@ -216,33 +216,29 @@ class _BackwardKernel:
             return None
         return (grad, restore(sign)) if with_sign else restore(out)
 
+    def _run(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
+        # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply.
+        out = self._native_call(x, grad, params, with_sign)
+        if out is None and self._fused_applies(x, grad, params):
+            out = self._fused_call(x, grad, params, with_sign)
+        if out is None:
+            out = self.eager(x, grad, *params)
+            out = (out, torch.sign(x)) if with_sign else out
+        return out
+
     def __call__(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> torch.Tensor:
-        out = self._native_call(x, grad, params, with_sign=False)
-        if out is not None:
-            return out
-        if self._fused_applies(x, grad, params):
-            out = self._fused_call(x, grad, params, with_sign=False)
-            if out is not None:
-                return out
-        return self.eager(x, grad, *params)
+        return self._run(x, grad, params, with_sign=False)
 
     def grad_and_sign(self, x: torch.Tensor, grad: torch.Tensor,
                       params: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(grad * factor(x), sign(x))``, in one pass over ``x`` on the fused path.
+        """``(grad * factor(x), sign(x))``, in one pass over ``x`` on the fused paths.
 
         The fused paths write the first result into ``grad``, so the caller must own ``grad`` (a
         fresh buffer nobody else reads). :class:`BinaryConv2d` uses it between the two halves of its
         conv backward: the input gradient needs no ``sign(x)``, the weight gradient does, so one pass
         over ``x`` serves both instead of two.
         """
-        out = self._native_call(x, grad, params, with_sign=True)
-        if out is not None:
-            return out
-        if self._fused_applies(x, grad, params):
-            out = self._fused_call(x, grad, params, with_sign=True)
-            if out is not None:
-                return out
-        return self.eager(x, grad, *params), torch.sign(x)
+        return self._run(x, grad, params, with_sign=True)
 
 
 def _with_sign(fused: Callable) -> Callable:
