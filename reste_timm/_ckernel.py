@@ -113,6 +113,18 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags: -march=native code built on one CPU may not run on another that shares
+    the cache folder (a home directory on a cluster), so they are part of the library's name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -133,7 +145,7 @@ def load() -> Optional[ctypes.CDLL]:
         if compiler is None or platform.system() != "Linux":
             return None
         key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, platform.machine(),
-                                        platform.processor()]).encode()).hexdigest()[:16]
+                                        _cpu_features()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"reste_grad_{key}.so"
         try:
             if not target.exists():
