@@ -152,3 +152,24 @@ def test_summary_counts_bits_parameters_and_memory():
     assert rows["0"]["weight_bits"] == 32 and len(rows) == 5
     assert "compression" in lines[0] and "BinaryConv2d" in lines[0]
     assert summary(model, float_bits=16, print_fn=None)["compression"] > info["compression"]
+
+
+def test_check_folder_and_load_model_accept_a_packed_folder(tmp_path):
+    from reste_timm.hub import CheckpointError, check_folder, load_model
+
+    model = _model(zeros_in=(), few_zeros_in=())
+    export_packed(model, tmp_path / "ok", float_dtype="float32")
+    assert check_folder(tmp_path / "ok")["architecture"] == "resnet20_1w1a_reste"
+    rebuilt = load_model(f"local-dir:{tmp_path / 'ok'}").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    # A packed folder whose sign bits do not fit the stored shape is named, file and key.
+    export_packed(model, tmp_path / "bad", float_dtype="float32")
+    weights = tmp_path / "bad" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["layer1.0.conv1.weight_sign"] = tensors["layer1.0.conv1.weight_sign"][:-1].clone()
+    save_file(tensors, str(weights), metadata={"format": "pt", "packing": "reste-timm-packed"})
+    with pytest.raises(CheckpointError, match="layer1.0.conv1.weight_sign") as err:
+        check_folder(tmp_path / "bad")
+    assert str(weights) in str(err.value)
