@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from timm.models._pretrained import PretrainedCfg
 
 from ._card import render_model_card
 from .layers import binary_layers
+from .packing import PackedFormatError, is_packed, unpack_state_dict, unpacked_shapes
 
 __all__ = [
     "CheckpointError", "binary_model_args", "check_folder", "check_pretrained", "convert_official_checkpoint",
@@ -259,35 +259,13 @@ def _read_shapes(path: Path, allow_pickle: bool = False) -> Dict[str, Tuple[int,
         if path.name.endswith(".safetensors"):
             with safetensors.safe_open(str(path), framework="pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                if (f.metadata() or {}).get("packing"):
-                    shapes = _unpacked_shapes(shapes, f, path)
-                return shapes
+                # A packed export (export_packed) is checked as the state dict it unpacks to.
+                return unpacked_shapes(shapes, f.get_tensor) if is_packed(f.metadata()) else shapes
         return {k: tuple(v.shape) for k, v in timm.models.load_state_dict(str(path)).items()}
-    except CheckpointError:
-        raise
+    except PackedFormatError as e:
+        raise CheckpointError(path, e.key, str(e)) from None
     except Exception as e:  # noqa: BLE001  (any reader error means an unreadable file)
         raise CheckpointError(path, None, f"unreadable, truncated or corrupt: {_first_line(e)}") from e
-
-
-_PACKED_KEYS = ("weight_sign", "weight_scale", "weight_shape", "weight_zero", "weight_zero_index")
-
-
-def _unpacked_shapes(shapes: Dict[str, Tuple[int, ...]], reader: Any,
-                     path: Path) -> Dict[str, Tuple[int, ...]]:
-    """The shapes a packed export (``reste_timm.export_packed``) has once unpacked: each binary conv's
-    sign bits, scale and shape become ``<conv>.weight``. Reads only the small shape tensors."""
-    out = {k: v for k, v in shapes.items() if not k.endswith(_PACKED_KEYS)}
-    for key in [k for k in shapes if k.endswith(".weight_sign")]:
-        prefix = key[: -len("weight_sign")]
-        if prefix + "weight_shape" not in shapes or prefix + "weight_scale" not in shapes:
-            raise CheckpointError(path, prefix + "weight_shape", "missing: a packed binary conv needs its "
-                                  "shape and scale beside its sign bits")
-        shape = tuple(int(s) for s in reader.get_tensor(prefix + "weight_shape").tolist())
-        if shapes[key] != ((math.prod(shape) + 7) // 8,):
-            raise CheckpointError(path, key, f"{shapes[key]} bytes of sign bits, but a {shape} weight needs "
-                                  f"{(math.prod(shape) + 7) // 8}")
-        out[prefix + "weight"] = shape
-    return out
 
 
 def _expected_shapes(name: str, pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any],
@@ -340,8 +318,6 @@ def strict_pretrained_filter(state_dict: Dict[str, Any], model: nn.Module) -> Di
     Raises:
         CheckpointError: Naming the weight source (folder, file or Hub id) and the key.
     """
-    from .packing import unpack_state_dict  # lazy: packing imports this module
-
     state_dict = unpack_state_dict(state_dict)  # a packed folder (export_packed) loads like a float one
     cfg = getattr(model, "pretrained_cfg", {})
     exempt = {f"{c}.{p}" for c in _names(cfg.get("classifier")) for p in ("weight", "bias")}

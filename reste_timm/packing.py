@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -134,6 +134,47 @@ def unpack_state_dict(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Mo
             zero[zero_index.long()] = True
         scale = out.pop(prefix + "weight_scale").float().reshape(())
         out[prefix + "weight"] = _latent_weight(positive, zero, scale, shape)
+    return out
+
+
+class PackedFormatError(ValueError):
+    """A packed file whose binary-conv tensors do not fit together; ``key`` names the tensor."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(problem)
+        self.key = key
+
+
+def is_packed(metadata: Optional[Mapping[str, str]]) -> bool:
+    """Whether a safetensors header's metadata marks a file written by :func:`export_packed`."""
+    return (metadata or {}).get("packing") == PACKED_FORMAT
+
+
+def unpacked_shapes(shapes: Dict[str, Tuple[int, ...]], read_tensor: Callable[[str], torch.Tensor]
+                    ) -> Dict[str, Tuple[int, ...]]:
+    """The shapes :func:`unpack_state_dict` gives a packed file, without unpacking it.
+
+    Args:
+        shapes: The file's tensor shapes (its safetensors header).
+        read_tensor: Reads one tensor; only the small ``<conv>.weight_shape`` ones are read.
+
+    Raises:
+        PackedFormatError: A binary conv lacks its shape or scale, or its sign bits do not fit its shape.
+    """
+    out = dict(shapes)
+    for key in [k for k in shapes if k.endswith(".weight_sign")]:
+        prefix = key[: -len("weight_sign")]
+        missing = [prefix + k for k in ("weight_shape", "weight_scale") if prefix + k not in shapes]
+        if missing:
+            raise PackedFormatError(missing[0], "missing: a packed binary conv needs its shape and scale "
+                                    "beside its sign bits")
+        for part in ("weight_sign", "weight_shape", "weight_scale", "weight_zero", "weight_zero_index"):
+            out.pop(prefix + part, None)
+        shape = tuple(int(s) for s in read_tensor(prefix + "weight_shape").tolist())
+        if shapes[key] != ((math.prod(shape) + 7) // 8,):
+            raise PackedFormatError(key, f"{shapes[key]} bytes of sign bits, but a {shape} weight needs "
+                                    f"{(math.prod(shape) + 7) // 8}")
+        out[prefix + "weight"] = shape
     return out
 
 
