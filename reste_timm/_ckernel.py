@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -160,20 +160,22 @@ def load() -> Optional[ctypes.CDLL]:
         return lib
 
 
-def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: torch.Tensor,
-               sign_out: Optional[torch.Tensor] = None) -> bool:
-    """Writes ``grad * factor(x)`` into ``out`` (and ``sign(x)`` into ``sign_out``); False if unavailable.
+def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: Optional[torch.Tensor] = None,
+               with_sign: bool = False) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(grad * factor(x), sign(x) or None)``; None where the library is unavailable.
 
     Args:
-        x, grad, out, sign_out: Contiguous 1-D float32 CPU tensors of one length (``out`` may be
-            ``grad``).
+        x, grad: Contiguous 1-D float32 CPU tensors of one length.
         params: ``(m, t, secant, 1/o, (1-o)/o)``, as the ReSTE kernels take them.
+        out: Where to write the gradient (may be ``grad``); a new tensor when None.
+        with_sign: Also return ``sign(x)``, from the same pass.
     """
     lib = load()
     if lib is None:
-        return False
+        return None  # before any allocation: without a compiler this runs on every backward
+    out = torch.empty_like(grad) if out is None else out
+    sign = torch.empty_like(x) if with_sign else None
     m, t, secant, inv_o, power = (float(v) for v in params)
-    lib.reste_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(),
-                   None if sign_out is None else sign_out.data_ptr(), x.numel(), m, t, secant, inv_o, power,
-                   torch.get_num_threads())
-    return True
+    lib.reste_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(), None if sign is None else sign.data_ptr(),
+                   x.numel(), m, t, secant, inv_o, power, torch.get_num_threads())
+    return out, sign

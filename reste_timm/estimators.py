@@ -148,8 +148,8 @@ class _BackwardKernel:
         fused: ``fn(x_flat, grad_flat, params_tensor)``, pure torch ops, compiled on first use.
         eager: ``fn(x, grad, *params)`` with Python floats.
         accepts: ``fn(params) -> bool``, False for parameters the fused form does not cover.
-        native: ``fn(x_flat, grad_flat, params, out_flat, sign_flat_or_None) -> bool`` for contiguous
-            float32 CPU tensors (False when unavailable), tried before the compiled kernel.
+        native: ``fn(x_flat, grad_flat, params, out=None, with_sign=False) -> (out, sign) or None`` for
+            contiguous float32 CPU tensors (None where unavailable), tried before the compiled kernel.
     """
 
     def __init__(self, name: str, fused: Callable, eager: Callable,
@@ -178,13 +178,10 @@ class _BackwardKernel:
             self._param_cache = (key, torch.tensor(params, dtype=torch.float64, device=device))
         return self._param_cache[1]
 
-    def _fused_call(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
+    def _fused_call(self, flat: tuple, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
         global _fused_mode
-        flat = _flat_pair(x, grad)
-        if flat is None:
-            return None
         x_flat, grad_flat, restore = flat
-        p = self._params(params, x.device)
+        p = self._params(params, x_flat.device)
         try:
             if with_sign:
                 if self._compiled_with_sign is None:
@@ -201,26 +198,30 @@ class _BackwardKernel:
                           RuntimeWarning, stacklevel=2)
             return None
 
-    def _native_call(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
-        if (self.native is None or _fused_mode in ("never", "compile") or x.device.type != "cpu"
-                or x.dtype != torch.float32 or grad.dtype != torch.float32 or not self.accepts(params)
-                or torch.compiler.is_compiling()):
-            return None
-        flat = _flat_pair(x, grad)
-        if flat is None:
-            return None
+    def _native_applies(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> bool:
+        return (self.native is not None and _fused_mode not in ("never", "compile") and x.device.type == "cpu"
+                and x.dtype == torch.float32 and grad.dtype == torch.float32 and self.accepts(params)
+                and not torch.compiler.is_compiling())
+
+    def _native_call(self, flat: tuple, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
         x_flat, grad_flat, restore = flat
-        out = grad_flat if with_sign else torch.empty_like(grad_flat)
-        sign = torch.empty_like(x_flat) if with_sign else None
-        if not self.native(x_flat, grad_flat, params, out, sign):
+        result = self.native(x_flat, grad_flat, params, out=grad_flat if with_sign else None,
+                             with_sign=with_sign)
+        if result is None:
             return None
+        out, sign = result
         return (grad, restore(sign)) if with_sign else restore(out)
 
     def _run(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
-        # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply.
-        out = self._native_call(x, grad, params, with_sign)
-        if out is None and self._fused_applies(x, grad, params):
-            out = self._fused_call(x, grad, params, with_sign)
+        # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply. The first
+        # two need x and grad as flat views (dense, laid out alike), taken once here.
+        native, fused = self._native_applies(x, grad, params), self._fused_applies(x, grad, params)
+        flat = _flat_pair(x, grad) if native or fused else None
+        out = None
+        if flat is not None and native:
+            out = self._native_call(flat, grad, params, with_sign)
+        if flat is not None and fused and out is None:
+            out = self._fused_call(flat, grad, params, with_sign)
         if out is None:
             out = self.eager(x, grad, *params)
             out = (out, torch.sign(x)) if with_sign else out
