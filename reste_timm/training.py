@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from .annealing import ExponentAnnealing
-from .hub import check_pretrained
+from .hub import _fsync_dir, check_pretrained
 from .indicators import estimating_error, gradient_stability
 
 __all__ = ["NonFiniteLossError", "TrainState", "build_model", "build_optimizer", "build_lr_scheduler",
@@ -246,18 +246,6 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, name: str, keep: int = 2
             _discard(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable before the run goes on; some platforms cannot open a folder (Windows).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_partial_checkpoints(checkpoints_dir: Path) -> list:
