@@ -51,6 +51,25 @@ def test_factor_matches_closed_form_and_sign_matches_torch(o):
 
 
 @needs_kernel
+@pytest.mark.parametrize("numel", [2304, 1 << 17], ids=["one-thread", "threads"])
+@pytest.mark.parametrize("o", [1.3, 3.0])
+def test_weight_grad_matches_the_composition_in_closed_form(o, numel):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.cat([torch.tensor([0.0, -0.0, 0.1, -1.5, 1.6]), torch.randn(numel - 5, generator=gen) * 0.8])
+    grad = torch.randn(numel, generator=gen)
+    scale = w.abs().mean()
+    params = est._reste_surrogate(o)[1]
+    out = _ckernel.reste_weight_grad(w, grad, scale.item(), params)
+    # Through est: (grad * scale) * factor(w); through mean(|w|): sign(w) * sum(grad * sign(w)) / N.
+    g64, s64 = grad.double(), torch.sign(w).double()
+    expected = g64 * scale.double() * _reference(w, o) + s64 * (g64 * s64).sum() / numel
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    alias = grad.clone()  # in place: the sum is taken before any write
+    assert _ckernel.reste_weight_grad(w, alias, scale.item(), params, out=alias) is alias
+    assert torch.equal(alias, out)
+
+
+@needs_kernel
 def test_estimator_backward_takes_the_c_loop(monkeypatch):
     calls = []
     real = _ckernel.reste_grad
@@ -94,6 +113,7 @@ def test_without_a_compiler_the_other_kernels_serve(tmp_path, monkeypatch):
     assert _ckernel.load() is None
     x, up = torch.randn(1000), torch.randn(1000)
     assert _ckernel.reste_grad(x, up, est._reste_surrogate(2.0)[1]) is None
+    assert _ckernel.reste_weight_grad(x, up, 1.0, est._reste_surrogate(2.0)[1]) is None
     est.set_fused_backward("auto")
     xr = x.clone().requires_grad_()
     sign_reste(xr, 2.0).backward(up)  # eager (small) or compiled: the same numbers

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from reste_timm import _backward
 from reste_timm import estimators as est
 from reste_timm.estimators import (
     get_estimator,
@@ -73,7 +74,7 @@ CASES = [
 
 def _use(mode: str, monkeypatch) -> None:
     # "auto" with no size threshold sends even these small tensors through the compiled kernel.
-    monkeypatch.setattr(est, "FUSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(_backward, "FUSED_MIN_NUMEL", 0)
     set_fused_backward(mode)
 
 
@@ -192,7 +193,7 @@ def test_fused_path_matches_closed_form_on_a_large_channels_last_tensor(fused_mo
     set_fused_backward(fused_mode)  # with the default size threshold
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(8, 16, 32, 32, generator=gen) * 1.2).contiguous(memory_format=torch.channels_last)
-    assert x.numel() >= est.FUSED_MIN_NUMEL
+    assert x.numel() >= _backward.FUSED_MIN_NUMEL
     x.requires_grad_()
     up = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
     sign_reste(x, 2.7).backward(up)
@@ -206,7 +207,7 @@ def test_fused_path_matches_closed_form_on_a_large_channels_last_tensor(fused_mo
 def test_new_exponent_does_not_recompile(monkeypatch):
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(est, "FUSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(_backward, "FUSED_MIN_NUMEL", 0)
     set_fused_backward("compile")
     x = torch.randn(5000, requires_grad=True)
     sign_reste(x, 1.2).sum().backward()
@@ -226,7 +227,7 @@ def test_failed_compile_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     kernel = est._BackwardKernel("test", est._reste_fused, est._reste_eager)
     set_fused_backward("auto")
-    x, up = torch.randn(est.FUSED_MIN_NUMEL), torch.randn(est.FUSED_MIN_NUMEL)
+    x, up = torch.randn(_backward.FUSED_MIN_NUMEL), torch.randn(_backward.FUSED_MIN_NUMEL)
     params = (M, T, M ** (1 / 2) / M, 0.5, -0.5)
     try:
         with pytest.warns(RuntimeWarning, match="fused ReSTE|fused test"):

@@ -226,9 +226,11 @@ def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv
     torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-12, atol=1e-12)
     if fused.bias is not None:
         torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-12, atol=1e-12)
-    # The plain path keeps x (estimator) and sign(x) (conv); the fused one only x.
+    # The plain path keeps x (estimator) and sign(x) (conv); the fused one only x. For the weight the
+    # plain composition keeps w twice (estimator, abs) and est(w) (product); _ScaledSign keeps w once.
     act = x1.numel() * x1.element_size()
-    assert _saved_bytes(plain, x2) - _saved_bytes(fused, x1) == act
+    weight = fused.weight.numel() * fused.weight.element_size()
+    assert _saved_bytes(plain, x2) - _saved_bytes(fused, x1) == act + 2 * weight
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
@@ -262,3 +264,27 @@ def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste
         torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
     assert estimators.fused_backward_mode() == "auto"  # the compiled kernels ran: no silent fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["torch-ops", "c-loop"])
+@pytest.mark.parametrize("estimator", ["reste", "ste", "approxsign", "ede"])
+def test_binary_weight_is_one_node_with_the_gradient_of_the_composition(estimator, dtype):
+    from reste_timm.estimators import get_estimator
+
+    layer = BinaryConv2d(16, 16, 3, padding=1, estimator=estimator, binarize_input=False).to(dtype)
+    set_exponent(layer, 2.5)
+    set_progress(layer, 0.4)
+    bw = layer.binary_weight()
+    assert bw.grad_fn.name() == "_ScaledSignBackward"
+    w = layer.weight.detach().clone().requires_grad_()
+    composed = get_estimator(estimator)(w, 2.5, 0.4) * w.abs().mean()  # autograd through each op
+    assert torch.equal(bw, composed)
+    up = torch.randn(bw.shape, dtype=dtype)
+    bw.backward(up)
+    composed.backward(up)
+    # float64 runs autograd's own ops in its order: equal to rounding; the float32 ReSTE weight takes
+    # the C loop (FMA, a double sum): a few ulps.
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=tol, atol=tol * w.grad.abs().max().item())
+    with torch.no_grad():
+        assert layer.binary_weight().grad_fn is None
