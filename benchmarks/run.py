@@ -9,7 +9,7 @@
     model (``load_packed``) against the float one.
 
 Usage: ``python benchmarks/run.py [--device cpu|cuda] [--threads 2] [--json out.json] [--quick]
-[--malloc tuned|default]``.
+[--malloc tuned|default] [--part estimator|training|packed ...] [--model resnet20 ...]``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,6 +37,7 @@ from reste_timm.allocator import tune_cpu_allocator  # noqa: E402
 from reste_timm.estimators import set_fused_backward, sign_reste  # noqa: E402
 from reste_timm.packing import export_packed, load_packed, summary  # noqa: E402
 
+_PARTS = ("estimator", "training", "packed")
 O_BENCH = 3.0  # the paper's o_end: a general exponent (no sqrt shortcut in pow)
 
 
@@ -121,11 +123,11 @@ _PAIRS = [
 ]
 
 
-def bench_training(device: torch.device, quick: bool) -> list:
+def bench_training(device: torch.device, quick: bool, models: Optional[list] = None) -> list:
     results = []
     for binary, fp, batch, size, rounds, quick_rounds in _PAIRS:
         rounds = quick_rounds if quick else rounds
-        if not rounds:
+        if not rounds or (models and not any(m in binary for m in models)):
             continue
         steps = {binary: _trainer(binary, batch, size, device), fp: _trainer(fp, batch, size, device)}
         times = interleaved(steps, rounds=rounds, device=device, warmup=1)
@@ -257,7 +259,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and models (about a minute)")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                         help="CPU: tune glibc's allocator as train.py does (reste_timm.allocator), or not")
+    parser.add_argument("--part", action="append", choices=_PARTS,
+                        help="run only this part (repeatable); default: all three")
+    parser.add_argument("--model", action="append",
+                        help="training part: only the binary models whose name contains this (repeatable)")
     args = parser.parse_args(argv)
+    parts = args.part or list(_PARTS)
     # One process, one allocator setting: every candidate of every comparison runs under the same one.
     malloc = "tuned" if args.malloc == "tuned" and tune_cpu_allocator() else "default"
     torch.set_num_threads(args.threads)
@@ -269,12 +276,16 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     print(f"env: {env}", flush=True)
-    results = {"env": env, "estimator": bench_estimator(device, args.quick)}
-    _print_estimator(results["estimator"])
-    results["training"] = bench_training(device, args.quick)
-    _print_training(results["training"])
-    results["packed"] = bench_packed(device, args.quick)
-    _print_packed(results["packed"])
+    results = {"env": env}
+    if "estimator" in parts:
+        results["estimator"] = bench_estimator(device, args.quick)
+        _print_estimator(results["estimator"])
+    if "training" in parts:
+        results["training"] = bench_training(device, args.quick, args.model)
+        _print_training(results["training"])
+    if "packed" in parts:
+        results["packed"] = bench_packed(device, args.quick)
+        _print_packed(results["packed"])
     env["loadavg_end"] = os.getloadavg()
     print(f"\nload average (1, 5, 15 min): start {env['loadavg_start']}, end {env['loadavg_end']}")
     if args.json:
