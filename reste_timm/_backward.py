@@ -53,20 +53,28 @@ def fused_backward_mode() -> str:
     return _fused_mode
 
 
+def _dense_alike(x: torch.Tensor, grad: torch.Tensor) -> bool:
+    """True when x and grad are dense and laid out alike (both contiguous, or both channels_last):
+    element i of one sits at the same memory offset as element i of the other."""
+    if x.is_contiguous() and grad.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return x.dim() == 4 and x.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)
+
+
 def _flat_pair(x: torch.Tensor, grad: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, Callable]]:
     """1-D views of x and grad in memory order, and the map back to x's shape and layout.
 
-    Only dense tensors laid out alike qualify (contiguous, or both channels_last); anything else
-    returns None and takes the eager kernel, which handles any strides.
+    Only :func:`_dense_alike` tensors qualify; anything else returns None and takes the eager
+    kernel, which handles any strides.
     """
-    if x.is_contiguous() and grad.is_contiguous():
+    if not _dense_alike(x, grad):
+        return None
+    if x.is_contiguous():
         return x.view(-1), grad.view(-1), lambda out: out.view(x.shape)
-    cl = torch.channels_last
-    if x.dim() == 4 and x.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl):
-        nhwc = x.permute(0, 2, 3, 1)
-        return (nhwc.reshape(-1), grad.permute(0, 2, 3, 1).reshape(-1),
-                lambda out: out.view(nhwc.shape).permute(0, 3, 1, 2))
-    return None
+    nhwc = x.permute(0, 2, 3, 1)
+    return (nhwc.reshape(-1), grad.permute(0, 2, 3, 1).reshape(-1),
+            lambda out: out.view(nhwc.shape).permute(0, 3, 1, 2))
 
 
 class _BackwardKernel:
@@ -77,10 +85,10 @@ class _BackwardKernel:
         fused: ``fn(x_flat, grad_flat, params_tensor)``, pure torch ops, compiled on first use.
         eager: ``fn(x, grad, *params)`` with Python floats.
         accepts: ``fn(params) -> bool``, False for parameters the fused form does not cover.
-        native: ``fn(x_flat, grad_flat, params, out=None, with_sign=False) -> (out, sign) or None`` for
-            contiguous float32 CPU tensors (None where unavailable), tried before the compiled kernel.
-        native_weight: ``fn(w_flat, grad_flat, scale, params, out=None) -> out or None``, the same for
-            :meth:`scaled_sign_grad`.
+        native: ``fn(x, grad, params, out=None, with_sign=False) -> (out, sign) or None`` for float32
+            CPU tensors laid out alike (None where unavailable), tried before the compiled kernel.
+        native_weight: ``fn(w, grad, scale, params) -> out or None``, the same for
+            :meth:`scaled_sign_grad` (``scale`` a 0-d float32 tensor).
     """
 
     def __init__(self, name: str, fused: Callable, eager: Callable,
@@ -135,25 +143,17 @@ class _BackwardKernel:
                 and x.dtype == torch.float32 and grad.dtype == torch.float32 and self.accepts(params)
                 and not torch.compiler.is_compiling())
 
-    def _native_call(self, flat: tuple, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
-        x_flat, grad_flat, restore = flat
-        result = self.native(x_flat, grad_flat, params, out=grad_flat if with_sign else None,
-                             with_sign=with_sign)
-        if result is None:
-            return None
-        out, sign = result
-        return (grad, restore(sign)) if with_sign else restore(out)
-
     def _run(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
-        # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply. The first
-        # two need x and grad as flat views (dense, laid out alike), taken once here.
-        native, fused = self._native_applies(x, grad, params), self._fused_applies(x, grad, params)
-        flat = _flat_pair(x, grad) if native or fused else None
+        # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply. The C
+        # loop works on the tensors' memory as it is (no views: in a training step every extra op
+        # costs tens of microseconds); the compiled kernel needs flat views.
         out = None
-        if flat is not None and native:
-            out = self._native_call(flat, grad, params, with_sign)
-        if flat is not None and fused and out is None:
-            out = self._fused_call(flat, grad, params, with_sign)
+        if self._native_applies(x, grad, params) and _dense_alike(x, grad):
+            out = self.native(x, grad, params, out=grad if with_sign else None, with_sign=with_sign)
+            out = None if out is None else (out if with_sign else out[0])
+        if out is None and self._fused_applies(x, grad, params):
+            flat = _flat_pair(x, grad)
+            out = None if flat is None else self._fused_call(flat, grad, params, with_sign)
         if out is None:
             out = self.eager(x, grad, *params)
             out = (out, torch.sign(x)) if with_sign else out
@@ -181,12 +181,10 @@ class _BackwardKernel:
         the same order, as autograd runs for the composition (bit for bit on the torch path); the C
         loop, where it applies, runs them in one call and sums in double.
         """
-        if self.native_weight is not None and self._native_applies(w, grad, params):
-            flat = _flat_pair(w, grad)
-            if flat is not None:
-                out = self.native_weight(flat[0], flat[1], scale.item(), params)
-                if out is not None:
-                    return flat[2](out)
+        if self.native_weight is not None and self._native_applies(w, grad, params) and _dense_alike(w, grad):
+            out = self.native_weight(w, grad, scale, params)
+            if out is not None:
+                return out
         sign_w = torch.sign(w)
         through_scale = sign_w * ((grad * sign_w).sum() / w.numel())
         return self(w, grad * scale, params) + through_scale

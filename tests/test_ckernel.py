@@ -59,14 +59,35 @@ def test_weight_grad_matches_the_composition_in_closed_form(o, numel):
     grad = torch.randn(numel, generator=gen)
     scale = w.abs().mean()
     params = est._reste_surrogate(o)[1]
-    out = _ckernel.reste_weight_grad(w, grad, scale.item(), params)
+    out = _ckernel.reste_weight_grad(w, grad, scale, params)
     # Through est: (grad * scale) * factor(w); through mean(|w|): sign(w) * sum(grad * sign(w)) / N.
     g64, s64 = grad.double(), torch.sign(w).double()
     expected = g64 * scale.double() * _reference(w, o) + s64 * (g64 * s64).sum() / numel
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
     alias = grad.clone()  # in place: the sum is taken before any write
-    assert _ckernel.reste_weight_grad(w, alias, scale.item(), params, out=alias) is alias
+    assert _ckernel.reste_weight_grad(w, alias, scale, params, out=alias) is alias
     assert torch.equal(alias, out)
+
+
+@needs_kernel
+def test_wide_bounds_within_the_c_loops_range_and_beyond_it():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10_000, generator=gen) * torch.logspace(-25, 25, 10_000)  # |log2| up to ~85
+    grad = torch.randn(10_000, generator=gen)
+    m, t = 1e-30, 1e30  # |log2| about 100: inside [2^-120, 2^120]
+    params = est._reste_surrogate(1.7, t, m)[1]
+    out, _ = _ckernel.reste_grad(x, grad, params)
+    expected = reste_backward_factor(x.double(), 1.7, t, m) * grad.double()
+    # z = power * log2|x| rounded to float32 at |z| ~ 40 (ulp 4e-6) gives 2^z a relative error near
+    # ln 2 * 2e-6, whatever computes it in float32: a looser bound than at the default m and t.
+    torch.testing.assert_close(out.double(), expected, rtol=5e-6, atol=0.0)
+    # Beyond the covered bounds the C loop declines and the other kernels answer.
+    assert _ckernel.reste_grad(x, grad, est._reste_surrogate(1.7, 2.0 ** 121, m)[1]) is None
+    assert _ckernel.reste_weight_grad(x, grad, torch.tensor(1.0), est._reste_surrogate(1.7, t, 1e-37)[1]) is None
+    xr = x.clone().requires_grad_()
+    sign_reste(xr, 1.7, t=2.0 ** 121, m=m).backward(grad)
+    expected = reste_backward_factor(x.double(), 1.7, 2.0 ** 121, m) * grad.double()
+    torch.testing.assert_close(xr.grad.double(), expected, rtol=5e-6, atol=0.0)
 
 
 @needs_kernel
@@ -113,7 +134,7 @@ def test_without_a_compiler_the_other_kernels_serve(tmp_path, monkeypatch):
     assert _ckernel.load() is None
     x, up = torch.randn(1000), torch.randn(1000)
     assert _ckernel.reste_grad(x, up, est._reste_surrogate(2.0)[1]) is None
-    assert _ckernel.reste_weight_grad(x, up, 1.0, est._reste_surrogate(2.0)[1]) is None
+    assert _ckernel.reste_weight_grad(x, up, torch.tensor(1.0), est._reste_surrogate(2.0)[1]) is None
     est.set_fused_backward("auto")
     xr = x.clone().requires_grad_()
     sign_reste(xr, 2.0).backward(up)  # eager (small) or compiled: the same numbers
