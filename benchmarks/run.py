@@ -116,10 +116,10 @@ def _trainer(name: str, batch: int, size: int, device: torch.device):
 # (binary model, full-precision twin, batch, input size, rounds, rounds when --quick (0: skipped))
 _PAIRS = [
     ("resnet20_1w1a_reste", "resnet20_cifar_fp", 128, 32, 20, 3),
-    ("resnet18_cifar_1w1a_reste", "resnet18_cifar_fp", 128, 32, 3, 0),
-    ("vgg_small_1w1a_reste", "vgg_small_fp", 128, 32, 3, 0),
+    ("resnet18_cifar_1w1a_reste", "resnet18_cifar_fp", 128, 32, 5, 0),
+    ("vgg_small_1w1a_reste", "vgg_small_fp", 128, 32, 5, 0),
     # No FP twin is registered for the ImageNet model: the same architecture with binary=False.
-    ("resnet18_1w1a_reste", "resnet18_1w1a_reste:fp", 16, 224, 3, 0),
+    ("resnet18_1w1a_reste", "resnet18_1w1a_reste:fp", 16, 224, 5, 0),
 ]
 
 
