@@ -78,7 +78,7 @@ def _flat_pair(x: torch.Tensor, grad: torch.Tensor) -> Optional[Tuple[torch.Tens
 
 
 class _BackwardKernel:
-    """``grad * factor(x)`` through a fused (compiled) expression or its eager twin.
+    """``grad * factor(x)`` through a native C loop, a fused (compiled) expression or its eager twin.
 
     Args:
         name: For messages.

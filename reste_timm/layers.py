@@ -63,7 +63,7 @@ class _ScaledSign(torch.autograd.Function):
     Autograd runs about ten small ops for the composition's backward (through the estimator, the
     product, the mean and the abs); on a binary layer's weight each costs more than its arithmetic
     (tens of microseconds in a training step, where other layers' work has left the caches cold), so
-    the kernel's :meth:`~reste_timm.estimators._BackwardKernel.scaled_sign_grad` runs them together.
+    the kernel's :meth:`~reste_timm._backward._BackwardKernel.scaled_sign_grad` runs them together.
     """
 
     @staticmethod
@@ -89,10 +89,11 @@ class BinaryConv2d(nn.Conv2d):
 
     In training, a 1W/1A layer runs sign and conv as one autograd node that keeps ``a`` (which the
     estimator needs) but not ``sign(a)`` (recomputed in backward), so it holds no more activation
-    memory than a float conv; the estimator's backward is one fused pass. ``mean(|w|)`` is computed
-    once per forward. Every op keeps the input's memory format, so channels_last models stay
-    channels_last. Estimators registered by users, autocast and non-zero padding modes take the plain
-    ``conv(est(a), bw)`` composition, with the same numbers.
+    memory than a float conv; the estimator's backward is one fused pass. ``bw`` is one more node
+    (``mean(|w|)`` computed once per forward, its backward one call). Every op keeps the input's
+    memory format, so channels_last models stay channels_last. Estimators registered by users,
+    autocast and non-zero padding modes take the plain ``conv(est(a), bw)`` composition (users'
+    estimators also the plain ``est(w) * mean(|w|)``), with the same numbers.
 
     The exponent ``o`` (ReSTE) and the training ``progress`` (EDE) are plain attributes, not buffers,
     so the state dict keeps the reference's keys; the annealing hook sets them every epoch and holds
