@@ -70,9 +70,14 @@ static inline float exp2_mid(float z) {
     return p;
 }
 
+/* sign(x) as torch.sign gives it: 0 for +-0 and NaN. */
+static inline float sign_of(float xv) {
+    return (float)((xv > 0.0f) - (xv < 0.0f));
+}
+
 /* |x| is clamped into [m, t] before the powers, so that z = power * log2 stays within |log2 m| and
    |log2 t| (power is in (-1, 0] for o >= 1): no clamp of z is needed when m >= 2^-120 and t <= 2^120,
-   which reste_grad checks. Two selects, written one after the other (a nested ?: with NaN-aware
+   which _library_for checks. Two selects, written one after the other (a nested ?: with NaN-aware
    comparisons compiled to three masks and blends: the loop was 15-20% slower). A NaN x gives 0. */
 static inline float reste_factor(float xv, float m, float t, float secant, float inv_o, float power) {
     float ax = __builtin_fabsf(xv);
@@ -84,8 +89,8 @@ static inline float reste_factor(float xv, float m, float t, float secant, float
     return ax <= m ? secant : v;
 }
 
-/* grad_out = grad * f(x), f the ReSTE factor; sign_out (may be NULL) = sign(x) as torch.sign gives it
-   (0 for 0 and NaN). grad_out may alias grad. Two loops, so that each is branch-free and vectorizes. */
+/* grad_out = grad * f(x), f the ReSTE factor; sign_out (may be NULL) = sign_of(x). grad_out may alias
+   grad. Two loops, so that each is branch-free and vectorizes. */
 void reste_grad(const float *x, const float *grad, float *grad_out, float *sign_out, int64_t n,
                 float m, float t, float secant, float inv_o, float power, int threads) {
     if (sign_out) {
@@ -93,7 +98,7 @@ void reste_grad(const float *x, const float *grad, float *grad_out, float *sign_
         for (int64_t i = 0; i < n; i++) {
             float xv = x[i];
             grad_out[i] = grad[i] * reste_factor(xv, m, t, secant, inv_o, power);
-            sign_out[i] = (float)((xv > 0.0f) - (xv < 0.0f));
+            sign_out[i] = sign_of(xv);
         }
     } else {
         #pragma omp parallel for simd num_threads(threads) schedule(static) if (parallel: threads > 1)
@@ -111,16 +116,14 @@ void reste_weight_grad(const float *w, const float *grad, float *grad_out, int64
     float gs, scale = *scale_ptr;
     #pragma omp parallel for simd num_threads(threads) schedule(static) reduction(+:acc) \
         if (parallel: threads > 1)
-    for (int64_t i = 0; i < n; i++) {
-        float wv = w[i];
-        acc += (double)(grad[i] * (float)((wv > 0.0f) - (wv < 0.0f)));
-    }
+    for (int64_t i = 0; i < n; i++)
+        acc += (double)(grad[i] * sign_of(w[i]));
     gs = (float)acc / (float)n;
     #pragma omp parallel for simd num_threads(threads) schedule(static) if (parallel: threads > 1)
     for (int64_t i = 0; i < n; i++) {
         float wv = w[i];
         float through_est = grad[i] * scale * reste_factor(wv, m, t, secant, inv_o, power);
-        grad_out[i] = through_est + (float)((wv > 0.0f) - (wv < 0.0f)) * gs;
+        grad_out[i] = through_est + sign_of(wv) * gs;
     }
 }
 """
@@ -195,10 +198,16 @@ def load() -> Optional[ctypes.CDLL]:
         return lib
 
 
-def _covers(m: float, t: float) -> bool:
-    """Whether the C loop's powers cover these bounds (the default 0.1 and 1.5 by far); the other
-    kernels take the rest."""
-    return 2.0 ** -120 <= m and t <= 2.0 ** 120
+def _library_for(params) -> Optional[Tuple[ctypes.CDLL, Tuple[float, ...]]]:
+    """The library and the parameters as floats, or None where the library is unavailable or its
+    powers do not cover the bounds (``m >= 2^-120`` and ``t <= 2^120``; the default 0.1 and 1.5 by
+    far): the other kernels take those."""
+    params = tuple(float(v) for v in params)
+    m, t = params[0], params[1]
+    if not (2.0 ** -120 <= m and t <= 2.0 ** 120):
+        return None
+    lib = load()
+    return None if lib is None else (lib, params)
 
 
 def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: Optional[torch.Tensor] = None,
@@ -213,19 +222,15 @@ def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: Optional[torch.
         out: Where to write the gradient (may be ``grad``); a new tensor when None.
         with_sign: Also return ``sign(x)``, from the same pass.
     """
-    m, t, secant, inv_o, power = (float(v) for v in params)
-    lib = load() if _covers(m, t) else None
-    if lib is None:
+    found = _library_for(params)
+    if found is None:
         return None  # before any allocation: without a compiler this runs on every backward
+    lib, params = found
     out = torch.empty_like(grad) if out is None else out
     sign = torch.empty_like(x) if with_sign else None
     lib.reste_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(), None if sign is None else sign.data_ptr(),
-                   x.numel(), m, t, secant, inv_o, power, torch.get_num_threads())
+                   x.numel(), *params, torch.get_num_threads())
     return out, sign
-
-
-# Below this many elements one thread is faster: waking the others costs more than they save.
-_PARALLEL_MIN_NUMEL = 1 << 16
 
 
 def reste_weight_grad(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, params,
@@ -243,12 +248,11 @@ def reste_weight_grad(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, 
         params: ``(m, t, secant, 1/o, (1-o)/o)``, as the ReSTE kernels take them.
         out: Where to write the gradient (may be ``grad``); a new tensor when None.
     """
-    m, t, secant, inv_o, power = (float(v) for v in params)
-    lib = load() if _covers(m, t) else None
-    if lib is None:
+    found = _library_for(params)
+    if found is None:
         return None
+    lib, params = found
     out = torch.empty_like(grad) if out is None else out
-    threads = torch.get_num_threads() if w.numel() >= _PARALLEL_MIN_NUMEL else 1
-    lib.reste_weight_grad(w.data_ptr(), grad.data_ptr(), out.data_ptr(), w.numel(), scale.data_ptr(), m, t,
-                          secant, inv_o, power, threads)
+    lib.reste_weight_grad(w.data_ptr(), grad.data_ptr(), out.data_ptr(), w.numel(), scale.data_ptr(), *params,
+                          torch.get_num_threads())
     return out

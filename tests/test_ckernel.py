@@ -51,7 +51,7 @@ def test_factor_matches_closed_form_and_sign_matches_torch(o):
 
 
 @needs_kernel
-@pytest.mark.parametrize("numel", [2304, 1 << 17], ids=["one-thread", "threads"])
+@pytest.mark.parametrize("numel", [2304, 1 << 17], ids=["small", "large"])
 @pytest.mark.parametrize("o", [1.3, 3.0])
 def test_weight_grad_matches_the_composition_in_closed_form(o, numel):
     gen = torch.Generator().manual_seed(2)
