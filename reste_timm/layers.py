@@ -57,6 +57,12 @@ class _SignConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def _scale_of(w: torch.Tensor) -> torch.Tensor:
+    """``mean(|w|)``, the one formula of the scale: the training node, :meth:`BinaryConv2d.binary_scale`
+    and the packed export (which stores it) must agree bit for bit."""
+    return w.abs().mean()
+
+
 class _ScaledSign(torch.autograd.Function):
     """``sign(w) * mean(|w|)`` forward, the gradient of ``est(w) * mean(|w|)`` backward, as one node.
 
@@ -68,7 +74,7 @@ class _ScaledSign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, kernel, params):
-        scale = w.abs().mean()
+        scale = _scale_of(w)
         ctx.save_for_backward(w, scale)
         ctx.kernel, ctx.params = kernel, params
         return torch.sign(w).mul_(scale)
@@ -122,7 +128,7 @@ class BinaryConv2d(nn.Conv2d):
 
     def binary_scale(self) -> torch.Tensor:
         """The layer's scale ``mean(|w|)``, a 0-d tensor that carries its gradient ``sign(w) / N``."""
-        return self.weight.abs().mean()
+        return _scale_of(self.weight)
 
     def binary_weight(self) -> torch.Tensor:
         """The weight the conv sees: ``est(w) * mean(|w|)``."""
