@@ -227,7 +227,7 @@ def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv
     if fused.bias is not None:
         torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-12, atol=1e-12)
     # The plain path keeps x (estimator) and sign(x) (conv); the fused one only x. For the weight the
-    # plain composition keeps w twice (estimator, abs) and est(w) (product); _ScaledSign keeps w once.
+    # plain composition keeps w twice (estimator, abs) and est(w) (product); the fused node keeps w once.
     act = x1.numel() * x1.element_size()
     weight = fused.weight.numel() * fused.weight.element_size()
     assert _saved_bytes(plain, x2) - _saved_bytes(fused, x1) == act + 2 * weight
