@@ -139,7 +139,7 @@ class _BackwardKernel:
             return None
 
     def _native_applies(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> bool:
-        return (self.native is not None and _fused_mode not in ("never", "compile") and x.device.type == "cpu"
+        return (self.native is not None and _fused_mode not in ("never", "compile") and x.is_cpu
                 and x.dtype == torch.float32 and grad.dtype == torch.float32 and self.accepts(params)
                 and not torch.compiler.is_compiling())
 
@@ -174,15 +174,16 @@ class _BackwardKernel:
         return self._run(x, grad, params, with_sign=True)
 
     def scaled_sign_grad(self, w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
-                         params: Sequence[float]) -> torch.Tensor:
+                         params: Sequence[float], inplace: bool = False) -> torch.Tensor:
         """The gradient for ``w`` of ``est(w) * scale`` with ``scale = mean(|w|)``, both paths.
 
         ``kernel(w, grad * scale) + sign(w) * sum(grad * sign(w)) / w.numel()``: the same ops, in
         the same order, as autograd runs for the composition (bit for bit on the torch path); the C
-        loop, where it applies, runs them in one call and sums in double.
+        loop, where it applies, runs them in one call and sums in double, writing into ``grad`` when
+        ``inplace`` (the caller owns ``grad``: one allocation less).
         """
         if self.native_weight is not None and self._native_applies(w, grad, params) and _dense_alike(w, grad):
-            out = self.native_weight(w, grad, scale, params)
+            out = self.native_weight(w, grad, scale, params, out=grad if inplace else None)
             if out is not None:
                 return out
         sign_w = torch.sign(w)

@@ -169,33 +169,41 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: a concurrent process sees no half-written library
 
 
+def _open() -> Optional[ctypes.CDLL]:
+    """Builds (unless cached) and opens the library; None without a compiler or if the build fails."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.system() != "Linux":
+        return None
+    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, platform.machine(),
+                                    _cpu_features()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"reste_grad_{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn = lib.reste_grad
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 5 + [ctypes.c_int]
+    fn = lib.reste_weight_grad
+    fn.restype = None
+    fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_float] * 5
+                   + [ctypes.c_int])
+    return lib
+
+
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernel library, building it on first use; None where that is not possible."""
+    # "tried" is set only after "lib", so a True read without the lock sees the final library: the
+    # backward asks for it twice per layer per step.
+    if _state["tried"]:
+        return _state["lib"]
     with _lock:
-        if _state["tried"]:
-            return _state["lib"]
-        _state["tried"] = True
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None or platform.system() != "Linux":
-            return None
-        key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, platform.machine(),
-                                        _cpu_features()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"reste_grad_{key}.so"
-        try:
-            if not target.exists():
-                _build(compiler, target)
-            lib = ctypes.CDLL(str(target))
-        except (OSError, subprocess.SubprocessError):
-            return None
-        fn = lib.reste_grad
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 5 + [ctypes.c_int]
-        fn = lib.reste_weight_grad
-        fn.restype = None
-        fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_float] * 5
-                       + [ctypes.c_int])
-        _state["lib"] = lib
-        return lib
+        if not _state["tried"]:
+            _state["lib"] = _open()
+            _state["tried"] = True
+        return _state["lib"]
 
 
 def _library_for(params) -> Optional[Tuple[ctypes.CDLL, Tuple[float, ...]]]:

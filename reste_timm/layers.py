@@ -72,7 +72,7 @@ class _SignConv2d(torch.autograd.Function):
         if need_w or need_b:
             _, grad_bw, grad_b = conv_backward(sign_x, [False, need_w, need_b])
             if need_w:
-                grad_w = ctx.kernel.scaled_sign_grad(w, grad_bw, scale, ctx.params)
+                grad_w = ctx.kernel.scaled_sign_grad(w, grad_bw, scale, ctx.params, inplace=True)
         return grad_x, grad_w, grad_b, None, None, None
 
 
