@@ -6,8 +6,14 @@ operations run one vector at a time (about 11 cycles per element on one x86_64 c
 for a plain multiply). Here the powers are inline (bit-level ``log2`` as in
 :func:`reste_timm.estimators._log2_float32`, a degree-7 Taylor ``exp2`` on ``[-1/2, 1/2]`` and an
 exponent-bit scaling), so the compiler vectorizes the loop and keeps several vectors in flight.
-``benchmarks/run.py`` measures both. A second function gives a binary weight's whole gradient (through
-the estimator and through ``mean(|w|)``) in one call, where autograd would run about ten small ops.
+``benchmarks/run.py`` measures both. Where the compiler targets AVX2 and FMA (x86_64 since 2013) and
+``[m, t]`` spans at most 8 binades (the default 0.1 and 1.5: 5), a second loop skips the powers: a
+degree-4 polynomial per eighth of the mantissa range and one scale per binade, picked by lane
+permutes, fitted in float64 per exponent (:func:`_poly_tables`; max error vs float64 2.0e-7 against
+the generic loop's 3.8e-7 over o in [1.01, 10^4]): 0.45-0.54 against 0.76-0.79 ns per element on 2
+threads (2M and 512K elements, cache-warm), 17-20 -> 15 ms per ResNet-20 step at batch 128. A third
+function gives a binary weight's whole gradient (through the estimator and through ``mean(|w|)``) in
+one call, where autograd would run about ten small ops.
 
 The source is plain C (no PyTorch headers, about a second to build); the library is cached under
 ``$RESTE_TIMM_CACHE`` (default ``~/.cache/reste_timm``), keyed by a hash of the source, the compiler
@@ -18,11 +24,13 @@ flags and the machine, and written atomically. Without a C compiler, or if the b
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -107,6 +115,78 @@ void reste_grad(const float *x, const float *grad, float *grad_out, float *sign_
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* The same factor without log2 and exp2, 8 floats at a time: with |x| clamped into [m, t] as above,
+   |x| = 2^E * u, u in [1, 2); u^power is a degree-4 polynomial on each eighth of [1, 2) (variable
+   r = u - the eighth's midpoint, exact in float), inv_o * 2^(E * power) one of 8 scales: both picked
+   by a lane permute from registers (no gathers, which cost more than the powers here). The caller
+   checks that [m, t] spans at most 8 binades and fits the tables in float64 (reste_timm._ckernel).
+   coef[8k + j] is coefficient k of eighth j; scale[E - e_lo]. */
+typedef struct { __m256 c0, c1, c2, c3, c4, scale, m, t, secant; __m256i e_lo; } poly_consts;
+
+static inline __m256 poly_factor8(__m256 xv, const poly_consts *k) {
+    const __m256 ax = _mm256_and_ps(xv, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+    /* max/min return their second operand for a NaN first one: a NaN x computes at m and is zeroed
+       below (both comparisons false), as in reste_factor. */
+    const __m256 ac = _mm256_min_ps(_mm256_max_ps(ax, k->m), k->t);
+    const __m256i bits = _mm256_castps_si256(ac);
+    const __m256i j = _mm256_and_si256(_mm256_srli_epi32(bits, 20), _mm256_set1_epi32(7));
+    const __m256 r = _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0xFFFFF))),
+                                     _mm256_set1_ps(0x1p-23f), _mm256_set1_ps(0.0625f));
+    __m256 p = _mm256_permutevar8x32_ps(k->c4, j);
+    p = _mm256_fmadd_ps(p, r, _mm256_permutevar8x32_ps(k->c3, j));
+    p = _mm256_fmadd_ps(p, r, _mm256_permutevar8x32_ps(k->c2, j));
+    p = _mm256_fmadd_ps(p, r, _mm256_permutevar8x32_ps(k->c1, j));
+    p = _mm256_fmadd_ps(p, r, _mm256_permutevar8x32_ps(k->c0, j));
+    const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), k->e_lo);
+    __m256 f = _mm256_mul_ps(p, _mm256_permutevar8x32_ps(k->scale, e));
+    f = _mm256_and_ps(f, _mm256_cmp_ps(ax, k->t, _CMP_LE_OQ));
+    return _mm256_blendv_ps(f, k->secant, _mm256_cmp_ps(ax, k->m, _CMP_LE_OQ));
+}
+
+static inline void poly_block8(const float *x, const float *grad, float *grad_out, float *sign_out,
+                               const poly_consts *k) {
+    const __m256 xv = _mm256_loadu_ps(x), zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    _mm256_storeu_ps(grad_out, _mm256_mul_ps(_mm256_loadu_ps(grad), poly_factor8(xv, k)));
+    if (sign_out)  /* sign_of: (x > 0) - (x < 0), 0 for +-0 and NaN */
+        _mm256_storeu_ps(sign_out, _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(xv, zero, _CMP_GT_OQ), one),
+                                                 _mm256_and_ps(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ), one)));
+}
+
+/* reste_grad through poly_factor8. The last n % 8 elements go through the same block via copies, so
+   every element gets the same arithmetic wherever it sits. */
+void reste_grad_poly(const float *x, const float *grad, float *grad_out, float *sign_out, int64_t n,
+                     float m, float t, float secant, const float *coef, const float *scale, int e_lo,
+                     int threads) {
+    poly_consts k;
+    float tx[8] = {0}, tg[8] = {0}, to[8], ts[8];
+    int64_t nv = n / 8, rest = n % 8;
+    k.c0 = _mm256_loadu_ps(coef);
+    k.c1 = _mm256_loadu_ps(coef + 8);
+    k.c2 = _mm256_loadu_ps(coef + 16);
+    k.c3 = _mm256_loadu_ps(coef + 24);
+    k.c4 = _mm256_loadu_ps(coef + 32);
+    k.scale = _mm256_loadu_ps(scale);
+    k.m = _mm256_set1_ps(m);
+    k.t = _mm256_set1_ps(t);
+    k.secant = _mm256_set1_ps(secant);
+    k.e_lo = _mm256_set1_epi32(e_lo);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel: threads > 1)
+    for (int64_t v = 0; v < nv; v++)
+        poly_block8(x + 8 * v, grad + 8 * v, grad_out + 8 * v, sign_out ? sign_out + 8 * v : 0, &k);
+    if (rest) {
+        memcpy(tx, x + 8 * nv, rest * 4);
+        memcpy(tg, grad + 8 * nv, rest * 4);
+        poly_block8(tx, tg, to, sign_out ? ts : 0, &k);
+        memcpy(grad_out + 8 * nv, to, rest * 4);
+        if (sign_out)
+            memcpy(sign_out + 8 * nv, ts, rest * 4);
+    }
+}
+#endif
+
 /* The gradient of bw = est(w) * mean(|w|) with respect to w, in the order autograd would compute it:
    (grad * scale) * f(w) through est, plus sign(w) * (sum(grad * sign(w)) / n) through the scale. The
    sum is accumulated in double. grad_out may alias grad (the sum is complete before any write). */
@@ -186,6 +266,11 @@ def _open() -> Optional[ctypes.CDLL]:
     fn = lib.reste_grad
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 5 + [ctypes.c_int]
+    if hasattr(lib, "reste_grad_poly"):  # built where the compiler targets AVX2 and FMA
+        fn = lib.reste_grad_poly
+        fn.restype = None
+        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_void_p] * 2
+                       + [ctypes.c_int] * 2)
     fn = lib.reste_weight_grad
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_float] * 5
@@ -218,6 +303,36 @@ def _library_for(params) -> Optional[Tuple[ctypes.CDLL, Tuple[float, ...]]]:
     return None if lib is None else (lib, params)
 
 
+def _float32_exponent(v: float) -> int:
+    """The biased exponent field of ``v`` rounded to float32 (as ctypes passes it to C)."""
+    return struct.unpack("<I", struct.pack("<f", v))[0] >> 23 & 0xFF
+
+
+@functools.lru_cache(maxsize=16)  # o changes once per epoch (or step); the tables live while cached
+def _poly_tables(params: Tuple[float, ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(coef, scale, e_lo)`` for ``reste_grad_poly``, or None where ``[m, t]`` spans more than the
+    8 binades its scale register holds (or m is subnormal): the generic loop takes those.
+
+    On each eighth ``[1 + j/8, 1 + (j+1)/8)`` of the mantissa range, ``u^power`` is interpolated at the
+    5 Chebyshev nodes in float64 (degree 4 in ``r = u - midpoint``, ``|r| <= 1/16``: truncation below
+    2e-8 for any power in (-1, 0]); ``scale[i] = inv_o * 2^((e_lo + i - 127) * power)`` in float64.
+    Both are then rounded to float32 once.
+    """
+    m, t, _, inv_o, power = params
+    e_lo, e_hi = _float32_exponent(m), _float32_exponent(t)
+    if e_lo < 1 or e_hi - e_lo > 7:
+        return None
+    k = torch.arange(5, dtype=torch.float64)
+    offsets = torch.cos((2 * k + 1) * math.pi / 10) / 16  # the nodes around each midpoint
+    vander = offsets[:, None] ** k[None, :]
+    mids = 1 + (torch.arange(8, dtype=torch.float64) + 0.5) / 8
+    values = (mids[None, :] + offsets[:, None]) ** power  # (node, eighth)
+    coef = torch.linalg.solve(vander, values)  # (power of r, eighth)
+    exps = torch.arange(e_lo, e_lo + 8, dtype=torch.float64) - 127
+    scale = inv_o * torch.exp2(exps * power)
+    return coef.to(torch.float32).reshape(-1).contiguous(), scale.to(torch.float32), e_lo
+
+
 def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: Optional[torch.Tensor] = None,
                with_sign: bool = False) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """``(grad * factor(x), sign(x) or None)``; None where the library is unavailable (or the bounds are
@@ -236,8 +351,15 @@ def reste_grad(x: torch.Tensor, grad: torch.Tensor, params, out: Optional[torch.
     lib, params = found
     out = torch.empty_like(grad) if out is None else out
     sign = torch.empty_like(x) if with_sign else None
-    lib.reste_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(), None if sign is None else sign.data_ptr(),
-                   x.numel(), *params, torch.get_num_threads())
+    sign_ptr = None if sign is None else sign.data_ptr()
+    tables = _poly_tables(params) if hasattr(lib, "reste_grad_poly") else None
+    if tables is not None:
+        coef, scale, e_lo = tables
+        lib.reste_grad_poly(x.data_ptr(), grad.data_ptr(), out.data_ptr(), sign_ptr, x.numel(), *params[:3],
+                            coef.data_ptr(), scale.data_ptr(), e_lo, torch.get_num_threads())
+    else:
+        lib.reste_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(), sign_ptr, x.numel(), *params,
+                       torch.get_num_threads())
     return out, sign
 
 

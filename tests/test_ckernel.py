@@ -70,6 +70,49 @@ def test_weight_grad_matches_the_composition_in_closed_form(o, numel):
 
 
 @needs_kernel
+@pytest.mark.parametrize("o", [1.0001, 2.0, 3.0, 16.0])
+@pytest.mark.parametrize("bounds", [(1.5, 0.1), (2.0, 0.02), (1.0, 1e-3)],
+                         ids=["default", "8-binades", "11-binades"])
+def test_generic_loop_and_table_path_agree_with_the_closed_form(o, bounds):
+    """Where the compiler targets AVX2 and FMA, bounds within 8 binades take the table path
+    (``reste_grad_poly``), wider ones the generic loop; both against float64 and each other."""
+    t, m = bounds
+    x = torch.cat([_inputs(), torch.rand(50_000, generator=torch.Generator().manual_seed(4)) * (t - m) + m])
+    grad = torch.ones_like(x)
+    params = tuple(est._reste_surrogate(o, t, m)[1])
+    lib = _ckernel.load()
+    generic = torch.empty_like(x)
+    lib.reste_grad(x.data_ptr(), grad.data_ptr(), generic.data_ptr(), None, x.numel(), *params,
+                   torch.get_num_threads())
+    out, _ = _ckernel.reste_grad(x, grad, params)
+    expected = reste_backward_factor(x.double(), o, t, torch.tensor(m).item())
+    expected[x.isnan()] = 0.0
+    for result in (generic, out):
+        torch.testing.assert_close(result.double(), expected, rtol=1e-6, atol=0.0)
+        assert torch.equal(result[expected == 0], torch.zeros_like(result[expected == 0]))
+    tables = _ckernel._poly_tables(params)
+    assert (tables is None) == (bounds[1] == 1e-3)  # 2^-10 .. 2^0 is 11 binades: more than 8
+    if hasattr(lib, "reste_grad_poly") and tables is not None:
+        assert not torch.equal(out, generic)  # a different computation: the table path ran
+        torch.testing.assert_close(out, generic, rtol=1e-6, atol=0.0)
+
+
+@needs_kernel
+def test_table_path_gives_each_element_the_same_value_wherever_it_sits():
+    """Full blocks of 8 and the copied tail run the same arithmetic: any prefix gets the values the
+    whole array got, the sign output too."""
+    x = _inputs()[:40]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    params = est._reste_surrogate(2.5)[1]
+    whole, whole_sign = _ckernel.reste_grad(x, grad, params, with_sign=True)
+    for n in range(1, 18):
+        part, part_sign = _ckernel.reste_grad(x[:n].clone(), grad[:n].clone(), params, with_sign=True)
+        assert torch.equal(part, whole[:n]) and torch.equal(part_sign, whole_sign[:n])
+        shifted, _ = _ckernel.reste_grad(x[n:].clone(), grad[n:].clone(), params)
+        assert torch.equal(shifted, whole[n:])
+
+
+@needs_kernel
 def test_wide_bounds_within_the_c_loops_range_and_beyond_it():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(10_000, generator=gen) * torch.logspace(-25, 25, 10_000)  # |log2| up to ~85
