@@ -85,17 +85,16 @@ class _BackwardKernel:
         fused: ``fn(x_flat, grad_flat, params_tensor)``, pure torch ops, compiled on first use.
         eager: ``fn(x, grad, *params)`` with Python floats.
         accepts: ``fn(params) -> bool``, False for parameters the fused form does not cover.
-        native: ``fn(x, grad, params, out=None, with_sign=False) -> (out, sign) or None`` for float32
-            CPU tensors laid out alike (None where unavailable), tried before the compiled kernel.
-        native_weight: ``fn(w, grad, scale, params) -> out or None``, the same for
-            :meth:`scaled_sign_grad` (``scale`` a 0-d float32 tensor).
+        native: ``fn(params) -> calls or None`` (:func:`reste_timm._ckernel.plan`): C loops for float32
+            CPU tensors laid out alike, ``calls.grad(x, grad, out, sign)`` and
+            ``calls.weight_grad(w, grad, scale, out)``, tried before the compiled kernel; None where
+            unavailable for these parameters.
     """
 
     def __init__(self, name: str, fused: Callable, eager: Callable,
                  accepts: Callable[[Sequence[float]], bool] = lambda params: True,
-                 native: Optional[Callable] = None, native_weight: Optional[Callable] = None):
+                 native: Optional[Callable] = None):
         self.name, self.fused, self.eager, self.accepts, self.native = name, fused, eager, accepts, native
-        self.native_weight = native_weight
         self._compiled: Optional[Callable] = None
         self._compiled_with_sign: Optional[Callable] = None
         # The last parameters as a tensor: o changes once per epoch (or step), the kernel runs once per
@@ -138,20 +137,27 @@ class _BackwardKernel:
                           RuntimeWarning, stacklevel=2)
             return None
 
-    def _native_applies(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]) -> bool:
-        return (self.native is not None and _fused_mode not in ("never", "compile") and x.is_cpu
-                and x.dtype == torch.float32 and grad.dtype == torch.float32 and self.accepts(params)
-                and not torch.compiler.is_compiling())
+    def _native_calls(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]):
+        """The C calls for these tensors and parameters, or None. The tensor checks come first and
+        the calls are looked up once per parameter set (see :class:`reste_timm._ckernel._Plan`)."""
+        if (self.native is None or _fused_mode in ("never", "compile") or not x.is_cpu
+                or x.dtype != torch.float32 or grad.dtype != torch.float32 or not _dense_alike(x, grad)
+                or torch.compiler.is_compiling()):
+            return None
+        return self.native(params)
 
     def _run(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
         # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply. The C
         # loop works on the tensors' memory as it is (no views: in a training step every extra op
         # costs tens of microseconds); the compiled kernel needs flat views.
+        calls = self._native_calls(x, grad, params)
+        if calls is not None:
+            sign = torch.empty_like(x) if with_sign else None
+            out = grad if with_sign else torch.empty_like(grad)
+            calls.grad(x, grad, out, sign)
+            return (out, sign) if with_sign else out
         out = None
-        if self._native_applies(x, grad, params) and _dense_alike(x, grad):
-            out = self.native(x, grad, params, out=grad if with_sign else None, with_sign=with_sign)
-            out = None if out is None else (out if with_sign else out[0])
-        if out is None and self._fused_applies(x, grad, params):
+        if self._fused_applies(x, grad, params):
             flat = _flat_pair(x, grad)
             out = None if flat is None else self._fused_call(flat, grad, params, with_sign)
         if out is None:
@@ -182,10 +188,11 @@ class _BackwardKernel:
         loop, where it applies, runs them in one call and sums in double, writing into ``grad`` when
         ``inplace`` (the caller owns ``grad``: one allocation less).
         """
-        if self.native_weight is not None and self._native_applies(w, grad, params) and _dense_alike(w, grad):
-            out = self.native_weight(w, grad, scale, params, out=grad if inplace else None)
-            if out is not None:
-                return out
+        calls = self._native_calls(w, grad, params)
+        if calls is not None:
+            out = grad if inplace else torch.empty_like(grad)
+            calls.weight_grad(w, grad, scale, out)
+            return out
         sign_w = torch.sign(w)
         through_scale = sign_w * ((grad * sign_w).sum() / w.numel())
         return self(w, grad * scale, params) + through_scale

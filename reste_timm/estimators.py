@@ -158,7 +158,7 @@ def _ede_eager(x, grad, kt, t):
 # The bit-level log2 needs |x| clamped at a normal float32: m >= 2^-126.
 _RESTE_KERNEL = _BackwardKernel("ReSTE", _reste_fused, _reste_eager,
                                 accepts=lambda p: p[0] >= torch.finfo(torch.float32).tiny,
-                                native=_ckernel.reste_grad, native_weight=_ckernel.reste_weight_grad)
+                                native=_ckernel.plan)
 _STE_KERNEL = _BackwardKernel("STE", _ste_fused, _ste_eager)
 _APPROX_KERNEL = _BackwardKernel("ApproxSign", _approx_fused, _approx_eager)
 _EDE_KERNEL = _BackwardKernel("EDE", _ede_fused, _ede_eager)
