@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -115,7 +116,9 @@ def _trainer(name: str, batch: int, size: int, device: torch.device):
 
 # (binary model, full-precision twin, batch, input size, rounds, rounds when --quick (0: skipped))
 _PAIRS = [
-    ("resnet20_1w1a_reste", "resnet20_cifar_fp", 128, 32, 20, 3),
+    # 60 rounds: a step's time here varies by 15-30% from round to round, so the median of 20 moved
+    # the ratio by +-0.04 between runs of the same code.
+    ("resnet20_1w1a_reste", "resnet20_cifar_fp", 128, 32, 60, 3),
     ("resnet18_cifar_1w1a_reste", "resnet18_cifar_fp", 128, 32, 5, 0),
     ("vgg_small_1w1a_reste", "vgg_small_fp", 128, 32, 5, 0),
     # No FP twin is registered for the ImageNet model: the same architecture with binary=False.
@@ -144,6 +147,9 @@ def bench_training(device: torch.device, quick: bool, models: Optional[list] = N
         row["ratio"] = row["binary_img_s"] / row["fp_img_s"]
         row["ratio_best"] = row["binary_img_s_best"] / row["fp_img_s_best"]
         row["ratio_cpu"] = row["fp_cpu_s"] / row["binary_cpu_s"]
+        # Each round's own ratio (its two steps ran back to back), then their median.
+        pairs = zip(times[fp]["wall"], times[binary]["wall"], strict=True)
+        row["ratio_paired"] = statistics.median(f / b for f, b in pairs)
         results.append(row)
         print(f"  {binary} vs {fp}: {row['binary_img_s']:.1f} vs {row['fp_img_s']:.1f} img/s", flush=True)
     return results
@@ -219,16 +225,17 @@ def _print_estimator(res: dict) -> None:
 
 def _print_training(rows: list) -> None:
     print("\n(b) Training step (SGD, random data): img/s median (best); ratio binary/FP of the medians "
-          "(of the bests; of the process CPU times); peak step memory MB")
+          "(of the bests; of the process CPU times; median of each round's ratio); peak step memory MB")
     print(f"{'binary model':<27} {'FP twin':<26} {'batch':>5} {'binary img/s':>15} {'FP img/s':>15} "
-          f"{'ratio (best; cpu)':>19} {'peak MB bin/FP':>15} {'faults/step bin/FP':>19}")
+          f"{'ratio (best; cpu; paired)':>26} {'peak MB bin/FP':>15} {'faults/step bin/FP':>19}")
     for r in rows:
         peaks = [r[f"{role}_peak"]["peak_bytes"] for role in ("binary", "fp")]
         mem = "-" if None in peaks else f"{peaks[0] / 1e6:.0f}/{peaks[1] / 1e6:.0f}"
         print(f"{r['binary']:<27} {r['fp']:<26} {r['batch']:>5} "
               f"{r['binary_img_s']:>7.1f} ({r['binary_img_s_best']:>5.1f}) "
               f"{r['fp_img_s']:>7.1f} ({r['fp_img_s_best']:>5.1f}) "
-              f"{r['ratio']:>5.2f} ({r['ratio_best']:.2f}; {r['ratio_cpu']:.2f}) {mem:>15} "
+              f"{r['ratio']:>5.2f} ({r['ratio_best']:.2f}; {r['ratio_cpu']:.2f}; {r['ratio_paired']:.2f}) "
+              f"{mem:>15} "
               f"{r['binary_faults']:>9.0f}/{r['fp_faults']:.0f}")
     if rows:
         print(f"  peak memory: {rows[0]['binary_peak']['method']}")
