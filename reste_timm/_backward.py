@@ -137,14 +137,18 @@ class _BackwardKernel:
                           RuntimeWarning, stacklevel=2)
             return None
 
-    def _native_calls(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]):
-        """The C calls for these tensors and parameters, or None. The tensor checks come first and
-        the calls are looked up once per parameter set (see :class:`reste_timm._ckernel._Plan`)."""
+    def native_calls(self, x: torch.Tensor, params: Sequence[float]):
+        """The C calls (:class:`reste_timm._ckernel._Plan`) for float32 CPU tensors like ``x`` and these
+        parameters, or None; the callers check that the gradient is laid out like ``x``."""
         if (self.native is None or _fused_mode in ("never", "compile") or not x.is_cpu
-                or x.dtype != torch.float32 or grad.dtype != torch.float32 or not _dense_alike(x, grad)
-                or torch.compiler.is_compiling()):
+                or x.dtype != torch.float32 or torch.compiler.is_compiling()):
             return None
         return self.native(params)
+
+    def _native_calls(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float]):
+        if grad.dtype != x.dtype or not _dense_alike(x, grad):
+            return None
+        return self.native_calls(x, params)
 
     def _run(self, x: torch.Tensor, grad: torch.Tensor, params: Sequence[float], with_sign: bool):
         # Fastest first: the C loop, the compiled kernel, then eager ops, which always apply. The C

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._backward import _dense_alike
 from .estimators import _check_finite_exponent, _surrogate, get_estimator
 
 __all__ = ["BinaryConv2d", "binary_layers", "set_exponent", "set_progress", "set_weight_cache"]
@@ -47,6 +48,8 @@ class _SignConv2d(torch.autograd.Function):
         bw, scale = _scaled_sign(w)
         ctx.save_for_backward(x, w, bw, scale)
         ctx.conv_args, ctx.kernel, ctx.params, ctx.has_bias = conv_args, kernel, params, bias is not None
+        # The C loops, looked up here: the backward calls them directly (see _direct).
+        ctx.calls = kernel.native_calls(x, params) if w.dtype == x.dtype else None
         return F.conv2d(torch.sign(x), bw, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -66,14 +69,33 @@ class _SignConv2d(torch.autograd.Function):
         if need_x:
             # The input gradient reads only x's shape: x stands in for sign(x).
             grad_in = conv_backward(x, [True, False, False])[0]
-            grad_x, sign_x = ctx.kernel.grad_and_sign(x, grad_in, ctx.params)
+            if _direct(ctx.calls, x, grad_in):
+                sign_x = torch.empty_like(x)
+                ctx.calls.grad(x, grad_in, grad_in, sign_x)
+                grad_x = grad_in
+            else:
+                grad_x, sign_x = ctx.kernel.grad_and_sign(x, grad_in, ctx.params)
         elif need_w or need_b:
             sign_x = torch.sign(x)
         if need_w or need_b:
             _, grad_bw, grad_b = conv_backward(sign_x, [False, need_w, need_b])
-            if need_w:
+            if need_w and _direct(ctx.calls, w, grad_bw):
+                ctx.calls.weight_grad(w, grad_bw, scale, grad_bw)
+                grad_w = grad_bw
+            elif need_w:
                 grad_w = ctx.kernel.scaled_sign_grad(w, grad_bw, scale, ctx.params, inplace=True)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _direct(calls, x: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether :class:`_SignConv2d`'s backward calls the C loop itself, skipping the kernel's dispatch.
+
+    The kernel's methods would reach the same call, but through several Python frames whose lookups
+    run cold after the convolutions: measured on ResNet-20 at batch 128, calling directly made the
+    step 2-3% faster (40 interleaved rounds). ``grad`` comes from the conv's backward, so it is
+    float32 like ``x``; its layout is checked here.
+    """
+    return calls is not None and _dense_alike(x, grad)
 
 
 class _ScaledSign(torch.autograd.Function):
