@@ -300,21 +300,22 @@ def _poly_tables(params: Tuple[float, ...]) -> Optional[Tuple[torch.Tensor, torc
     8 binades its scale register holds (or m is subnormal): the generic loop takes those.
 
     On each eighth ``[1 + j/8, 1 + (j+1)/8)`` of the mantissa range, ``u^power`` is interpolated at the
-    5 Chebyshev nodes in float64 (degree 4 in ``r = u - midpoint``, ``|r| <= 1/16``: truncation below
-    2e-8 for any power in (-1, 0]); ``scale[i] = inv_o * 2^((e_lo + i - 127) * power)`` in float64.
-    Both are then rounded to float32 once.
+    5 Chebyshev nodes in float64 (degree 4 in ``r = u - midpoint``, ``|r| <= 1/16``; truncation error,
+    measured in float64: 4.4e-8 as power -> -1, 1.9e-8 at o = 3, 1.1e-8 at o = 2);
+    ``scale[i] = inv_o * 2^((e_lo + i - 127) * power)`` in float64. Both are then rounded to float32
+    once.
     """
     m, t, _, inv_o, power = params
     e_lo, e_hi = _float32_exponent(m), _float32_exponent(t)
     if e_lo < 1 or e_hi - e_lo > 7:
         return None
-    k = torch.arange(5, dtype=torch.float64)
+    k = torch.arange(5, dtype=torch.float64, device="cpu")  # read by C: CPU whatever the default device
     offsets = torch.cos((2 * k + 1) * math.pi / 10) / 16  # the nodes around each midpoint
     vander = offsets[:, None] ** k[None, :]
-    mids = 1 + (torch.arange(8, dtype=torch.float64) + 0.5) / 8
+    mids = 1 + (torch.arange(8, dtype=torch.float64, device="cpu") + 0.5) / 8
     values = (mids[None, :] + offsets[:, None]) ** power  # (node, eighth)
     coef = torch.linalg.solve(vander, values)  # (power of r, eighth)
-    exps = torch.arange(e_lo, e_lo + 8, dtype=torch.float64) - 127
+    exps = torch.arange(e_lo, e_lo + 8, dtype=torch.float64, device="cpu") - 127
     scale = inv_o * torch.exp2(exps * power)
     return coef.to(torch.float32).reshape(-1).contiguous(), scale.to(torch.float32), e_lo
 
