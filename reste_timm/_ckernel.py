@@ -84,7 +84,7 @@ static inline float sign_of(float xv) {
 
 /* |x| is clamped into [m, t] before the powers, so that z = power * log2 stays within |log2 m| and
    |log2 t| (power is in (-1, 0] for o >= 1): no clamp of z is needed when m >= 2^-120 and t <= 2^120,
-   which _library_for checks. Two selects, written one after the other (a nested ?: with NaN-aware
+   which plan() checks. Two selects, written one after the other (a nested ?: with NaN-aware
    comparisons compiled to three masks and blends: the loop was 15-20% slower). A NaN x gives 0. */
 static inline float reste_factor(float xv, float m, float t, float secant, float inv_o, float power) {
     float ax = __builtin_fabsf(xv);
