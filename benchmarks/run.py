@@ -34,9 +34,10 @@ from baseline_masked import masked_sign_reste  # noqa: E402
 from timing import interleaved, peak_step_memory, stats  # noqa: E402
 
 import reste_timm  # noqa: E402, F401  (registers the models)
-from reste_timm.allocator import tune_cpu_allocator  # noqa: E402
-from reste_timm.estimators import set_fused_backward, sign_reste  # noqa: E402
-from reste_timm.packing import export_packed, load_packed, summary  # noqa: E402
+from reste_timm.analysis import summary  # noqa: E402
+from reste_timm.hub import export_packed, load_packed  # noqa: E402
+from reste_timm.nn.estimators import set_fused_backward, sign_reste  # noqa: E402
+from reste_timm.train.allocator import tune_cpu_allocator  # noqa: E402
 
 _PARTS = ("estimator", "training", "packed")
 O_BENCH = 3.0  # the paper's o_end: a general exponent (no sqrt shortcut in pow)

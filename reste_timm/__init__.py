@@ -1,35 +1,47 @@
 """reste-timm: binary neural networks trained with ReSTE, as timm models.
 
-``import reste_timm`` registers the models with timm.
+``import reste_timm`` registers the models with timm. The package is layered by role, each layer
+importing only the ones below it: :mod:`reste_timm.nn` (the method), :mod:`reste_timm.models`,
+:mod:`reste_timm.hub` (checkpoints), :mod:`reste_timm.train`, :mod:`reste_timm.analysis`, and the
+command line (:mod:`reste_timm.cli`) on top. docs/architecture.md draws the flow.
 """
 
-from . import models  # noqa: F401  (registers the models with timm)
-from .annealing import ExponentAnnealing, annealed_exponent
-from .estimators import (
+__version__ = "0.2.0"
+
+from . import models  # noqa: E402, F401  (registers the models with timm)
+from .analysis.summary import summary  # noqa: E402
+from .files import CheckpointError  # noqa: E402
+from .hub import (  # noqa: E402
+    check_folder,
+    check_pretrained,
+    convert_official_checkpoint,
+    export_packed,
+    load_model,
+    load_packed,
+    push_to_hub,
+    save_pretrained,
+)
+from .nn import (  # noqa: E402
+    BinaryConv2d,
+    ExponentAnnealing,
+    annealed_exponent,
+    binary_layers,
+    estimating_error,
     fused_backward_mode,
     get_estimator,
+    gradient_stability,
     list_estimators,
     register_estimator,
+    set_exponent,
     set_fused_backward,
+    set_progress,
+    set_weight_cache,
     sign_approx,
     sign_ede,
     sign_reste,
     sign_ste,
 )
-from .hub import (
-    CheckpointError,
-    check_folder,
-    check_pretrained,
-    convert_official_checkpoint,
-    load_model,
-    push_to_hub,
-    save_pretrained,
-)
-from .indicators import estimating_error, gradient_stability
-from .layers import BinaryConv2d, binary_layers, set_exponent, set_progress, set_weight_cache
-from .packing import export_packed, load_packed, summary, unpack_state_dict
-
-__version__ = "0.1.0"
+from .nn.packing import unpack_state_dict  # noqa: E402
 
 __all__ = [
     "CheckpointError", "check_folder", "check_pretrained", "convert_official_checkpoint", "load_model",

@@ -15,7 +15,7 @@ import pytest
 # compared with the same process's first step, and resident memory is measured in bytes.
 _PROBE = textwrap.dedent("""
     import json, resource, sys, torch
-    from reste_timm.allocator import tune_cpu_allocator
+    from reste_timm.train.allocator import tune_cpu_allocator
     applied = tune_cpu_allocator() if sys.argv[1] == "tuned" else None
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

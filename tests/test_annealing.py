@@ -10,8 +10,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from reste_timm.annealing import ExponentAnnealing, annealed_exponent
-from reste_timm.layers import BinaryConv2d, binary_layers
+from reste_timm.nn.annealing import ExponentAnnealing, annealed_exponent
+from reste_timm.nn.layers import BinaryConv2d, binary_layers
 
 
 def _closed_form(e: float, epochs: int, o_end: float) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reste_timm import _ckernel
-from reste_timm import estimators as est
-from reste_timm.estimators import reste_backward_factor, sign_reste
+from reste_timm.nn import _ckernel
+from reste_timm.nn import estimators as est
+from reste_timm.nn.estimators import reste_backward_factor, sign_reste
 
 needs_kernel = pytest.mark.skipif(_ckernel.load() is None, reason="no C compiler on this machine")
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_script
 
-from reste_timm.config import parse_config
+from reste_timm.train.config import parse_config
 
 
 def write(tmp_path, data, name="cfg.yaml"):

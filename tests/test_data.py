@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_image_folder
 
-from reste_timm.data import (
+from reste_timm.train.data import (
     DataError,
     ImageTransform,
     build_transforms,
@@ -17,7 +17,7 @@ from reste_timm.data import (
     digits_arrays,
     load_splits,
 )
-from reste_timm.device_data import DeviceImageLoader
+from reste_timm.train.device_data import DeviceImageLoader
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

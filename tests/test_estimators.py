@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from reste_timm import _backward
-from reste_timm import estimators as est
-from reste_timm.estimators import (
+from reste_timm.nn import _backward
+from reste_timm.nn import estimators as est
+from reste_timm.nn.estimators import (
     get_estimator,
     list_estimators,
     register_estimator,

@@ -24,8 +24,8 @@ from reste_timm.hub import (
     load_model,
     push_to_hub,
     save_pretrained,
-    strict_pretrained_filter,
 )
+from reste_timm.models import strict_pretrained_filter
 
 MODEL = "resnet20_1w1a_reste"
 REPO = "my-org/resnet20-ste"

@@ -11,8 +11,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from reste_timm.indicators import estimating_error, gradient_stability
-from reste_timm.layers import BinaryConv2d
+from reste_timm.nn.indicators import estimating_error, gradient_stability
+from reste_timm.nn.layers import BinaryConv2d
 
 DATA = Path(__file__).parent / "data" / "official_state_dicts.json"
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reste_timm.layers import BinaryConv2d, binary_layers, set_exponent, set_progress, set_weight_cache
+from reste_timm.nn.layers import BinaryConv2d, binary_layers, set_exponent, set_progress, set_weight_cache
 
 M, T = 0.1, 1.5
 
@@ -187,7 +187,7 @@ def test_estimator_name_is_validated_and_kept():
 @pytest.fixture
 def plain_reste():
     """ReSTE registered without its fused backward: BinaryConv2d takes the plain conv(est(a)) path."""
-    from reste_timm import estimators
+    from reste_timm.nn import estimators
 
     @estimators.register_estimator("reste_plain_test")
     def _plain(x, o=1.0, progress=0.0):
@@ -238,7 +238,7 @@ def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv
 @pytest.mark.parametrize("needs", ["both", "input", "weight"])
 def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste, memory_format, needs):
     """Float32 and large enough for the compiled kernel: the one-pass gradient-and-sign backward."""
-    from reste_timm import estimators
+    from reste_timm.nn import estimators
 
     estimators.set_fused_backward("auto")
     fused = BinaryConv2d(8, 8, 3, padding=1, bias=True).to(memory_format=memory_format)
@@ -269,7 +269,7 @@ def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["torch-ops", "c-loop"])
 @pytest.mark.parametrize("estimator", ["reste", "ste", "approxsign", "ede"])
 def test_binary_weight_is_one_node_with_the_gradient_of_the_composition(estimator, dtype):
-    from reste_timm.estimators import get_estimator
+    from reste_timm.nn.estimators import get_estimator
 
     layer = BinaryConv2d(16, 16, 3, padding=1, estimator=estimator, binarize_input=False).to(dtype)
     set_exponent(layer, 2.5)

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reste_timm  # noqa: F401  (registers the models)
-from reste_timm.estimators import get_estimator
-from reste_timm.layers import BinaryConv2d, binary_layers
+from reste_timm.nn.estimators import get_estimator
+from reste_timm.nn.layers import BinaryConv2d, binary_layers
 
 DATA = Path(__file__).parent / "data" / "official_state_dicts.json"
 

@@ -12,8 +12,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import reste_timm  # noqa: F401  (registers the models)
-from reste_timm.layers import BinaryConv2d, binary_layers
-from reste_timm.packing import export_packed, load_packed, pack_bits, summary, unpack_bits, unpack_state_dict
+from reste_timm.analysis import summary
+from reste_timm.hub import export_packed, load_packed
+from reste_timm.nn.layers import BinaryConv2d, binary_layers
+from reste_timm.nn.packing import pack_bits, unpack_bits, unpack_state_dict
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])

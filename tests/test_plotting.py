@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 
-from reste_timm.plotting import plot_estimators, plot_run
+from reste_timm.analysis.plotting import plot_estimators, plot_run
 
 pytest.importorskip("matplotlib")
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The ``reste-timm <name>`` subcommand's module (scripts/<name>.py is a thin wrapper of it)."""
+    return importlib.import_module(f"reste_timm.cli.{name}")
 
 
 def write_metrics(run_dir, epochs=3, indicators=True):

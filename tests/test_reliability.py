@@ -25,7 +25,7 @@ import torch
 from conftest import ROOT, make_image_folder, run_script
 from huggingface_hub import constants
 
-import reste_timm.training as training
+import reste_timm.train.checkpoints as checkpoints
 from reste_timm.hub import CheckpointError, convert_official_checkpoint, load_model, save_pretrained
 
 TRAIN = str(ROOT / "scripts" / "train.py")
@@ -49,7 +49,7 @@ def assert_ok(proc):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def error_lines(proc, prog="train.py"):
+def error_lines(proc, prog="reste-timm train"):
     return [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: error:")]
 
 
@@ -97,7 +97,7 @@ def test_sigkill_during_and_after_checkpoints_resumes_exactly(uninterrupted, tmp
     assert checkpoint_names(out) == [".tmp-step_00000002", "step_00000001"]
     with pytest.raises(Exception):  # noqa: B017  (safetensors has its own error type)
         safetensors.torch.load_file(out / "checkpoints" / ".tmp-step_00000002" / "model.safetensors")
-    assert training.latest_checkpoint(out / "checkpoints").name == "step_00000001"
+    assert checkpoints.latest_checkpoint(out / "checkpoints").name == "step_00000001"
     # 2. resume mid-epoch 0 from step 1 (never the torn folder); SIGKILL right after step 5 is complete
     proc = train([*args, "--resume"], fault="kill-after:step_00000005")
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -133,7 +133,7 @@ class _OneProcess:
 
 def test_killed_while_deleting_an_old_checkpoint_never_looks_complete(tmp_path, monkeypatch):
     ckpts = tmp_path / "checkpoints"
-    training.save_checkpoint(_OneProcess(), ckpts, "step_00000001", keep=1)
+    checkpoints.save_checkpoint(_OneProcess(), ckpts, "step_00000001", keep=1)
     time.sleep(0.01)  # distinct mtimes
     real_rmtree = shutil.rmtree
 
@@ -144,15 +144,15 @@ def test_killed_while_deleting_an_old_checkpoint_never_looks_complete(tmp_path, 
             raise KeyboardInterrupt
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    monkeypatch.setattr(training.shutil, "rmtree", interrupted_rmtree)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", interrupted_rmtree)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(_OneProcess(), ckpts, "step_00000002", keep=1)
+        checkpoints.save_checkpoint(_OneProcess(), ckpts, "step_00000002", keep=1)
     assert checkpoint_names(tmp_path) == [".tmp-old-step_00000001", "step_00000002"]
-    assert training.latest_checkpoint(ckpts).name == "step_00000002"
+    assert checkpoints.latest_checkpoint(ckpts).name == "step_00000002"
     (ckpts / ".tmp-step_00000003").mkdir()  # a newer, unfinished write
-    assert training.latest_checkpoint(ckpts).name == "step_00000002"
+    assert checkpoints.latest_checkpoint(ckpts).name == "step_00000002"
     monkeypatch.undo()
-    assert training.remove_partial_checkpoints(ckpts) == [".tmp-old-step_00000001", ".tmp-step_00000003"]
+    assert checkpoints.remove_partial_checkpoints(ckpts) == [".tmp-old-step_00000001", ".tmp-step_00000003"]
     assert checkpoint_names(tmp_path) == ["step_00000002"]
 
 
@@ -201,12 +201,12 @@ def test_unknown_column_exits_2_before_anything_is_written(tmp_path, capsys):
     code = in_process(TRAIN)([*TINY, "--image-column", "nope", "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("train.py: error: digits: no column 'nope'")
+    assert err[0].startswith("reste-timm train: error: digits: no column 'nope'")
     assert not out.exists()
 
 
 def test_checkpoint_every_must_respect_grad_accum(capsys):
-    from reste_timm.config import parse_config
+    from reste_timm.train.config import parse_config
 
     with pytest.raises(SystemExit) as exc:
         parse_config(["--checkpoint-every", "3", "--grad-accum", "2"])
@@ -239,7 +239,7 @@ def test_validate_names_a_corrupt_checkpoint(saved, tmp_path, capsys):
         code = main(args)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
-        assert err[0].startswith(f"validate.py: error: {named}: unreadable, truncated or corrupt")
+        assert err[0].startswith(f"reste-timm validate: error: {named}: unreadable, truncated or corrupt")
 
 
 def test_train_init_from_a_broken_folder_exits_2_naming_the_file(saved, tmp_path, capsys):

@@ -6,26 +6,30 @@ epoch each) checks that scripts/study.py drives train.py and writes the report.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import re
 import statistics
 
 import pytest
 import yaml
-from conftest import ROOT
 from PIL import Image
 
-from reste_timm.study import TABLE_COLUMNS, aggregate, collect_runs, load_run, plan_runs, render_table
+from reste_timm.analysis.study import (
+    TABLE_COLUMNS,
+    aggregate,
+    collect_runs,
+    load_run,
+    plan_runs,
+    render_table,
+)
 
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?"
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The ``reste-timm <name>`` subcommand's module (scripts/<name>.py is a thin wrapper of it)."""
+    return importlib.import_module(f"reste_timm.cli.{name}")
 
 
 def make_run(folder, estimator, o_end, seed, top1, errors, stabilities, finished=True):
@@ -165,4 +169,4 @@ def test_real_study_end_to_end(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.count(": reused") == 2
     again = json.loads((out / "study.json").read_text())["runs"]
     assert [r["train_seconds"] for r in again] == [r["train_seconds"] for r in runs]
-    assert "2 train.py processes" in (out / "study.md").read_text()
+    assert "2 training processes" in (out / "study.md").read_text()

@@ -1,16 +1,19 @@
-"""Pieces shared by the binary model files: the conv factory and the BN-before-classifier head."""
+"""Pieces shared by the binary model files: the conv factory, the BN-before-classifier head, the
+pretrained cfg and the checkpoint filter every model is built with."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 
-from ..layers import BinaryConv2d
+from ..files import compare_shapes
+from ..nn.layers import BinaryConv2d
+from ..nn.packing import unpack_state_dict
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -115,3 +118,29 @@ def reste_cfg(variant: str, **kwargs) -> Dict[str, Any]:
 def hub_id(variant: str) -> str:
     """The hub repository reserved for a registered model name with its tag."""
     return f"{HUB_ORG}/{variant}"
+
+
+def _names(value: Any) -> Tuple[str, ...]:
+    """A pretrained_cfg module entry (``classifier``, ``first_conv``): None, a name or names."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def strict_pretrained_filter(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """timm ``pretrained_filter_fn`` that refuses partial loads inside ``timm.create_model`` itself.
+
+    When ``num_classes`` differs from the checkpoint, timm loads non-strictly and only logs missing
+    keys; this checks every key and shape first, except the classifier and the stem conv weight,
+    which timm replaces or adapts afterwards.
+
+    Raises:
+        CheckpointError: Naming the weight source (folder, file or Hub id) and the key.
+    """
+    state_dict = unpack_state_dict(state_dict)  # a packed folder (export_packed) loads like a float one
+    cfg = getattr(model, "pretrained_cfg", {})
+    exempt = {f"{c}.{p}" for c in _names(cfg.get("classifier")) for p in ("weight", "bias")}
+    exempt |= {f"{c}.weight" for c in _names(cfg.get("first_conv"))}
+    source = cfg.get("file") or cfg.get("hf_hub_id") or "pretrained weights"
+    compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+             {k: tuple(v.shape) for k, v in state_dict.items()}, source,
+             cfg.get("architecture") or type(model).__name__, frozenset(exempt))
+    return state_dict

@@ -14,8 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..hub import strict_pretrained_filter
-from ._common import BnHeadMixin, make_conv_factory, reste_cfg
+from ._common import BnHeadMixin, make_conv_factory, reste_cfg, strict_pretrained_filter
 
 __all__ = ["BinaryResNet"]
 

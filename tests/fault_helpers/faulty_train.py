@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Test-only: runs scripts/train.py's ``main`` with one fault injected, chosen by ``RESTE_FAULT``.
+"""Test-only: runs ``reste-timm train``'s ``main`` with one fault injected, chosen by ``RESTE_FAULT``.
 
     RESTE_FAULT=kill-during:step_00000002  SIGKILL while that checkpoint is being written: its files
                                            are in .tmp-step_00000002, model.safetensors torn in half
@@ -8,13 +8,12 @@
                                            once per process (the loss is then NaN)
     RESTE_FAULT=raise-on-rank:1:2          process 1 raises RuntimeError at its 2nd training batch
 
-The command line is train.py's. tests/test_reliability.py launches this file as it launches
+The command line is the train command's. tests/test_reliability.py launches this file as it launches
 scripts/train.py (also under ``accelerate launch``); the package never imports it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
@@ -22,17 +21,9 @@ from pathlib import Path
 
 import torch
 
-import reste_timm.training as training
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_train_script():
-    """scripts/train.py as a module, so that its globals can be patched before ``main`` runs."""
-    spec = importlib.util.spec_from_file_location("reste_train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import reste_timm.train.checkpoints as checkpoints
+import reste_timm.train.loop as loop
+import reste_timm.train.run as run
 
 
 def die() -> None:
@@ -43,7 +34,7 @@ def die() -> None:
 
 
 def kill_during(train, name: str) -> None:
-    real = training._fsync_tree
+    real = checkpoints._fsync_tree
 
     def fsync_or_die(folder: Path) -> None:
         if folder.name == f".tmp-{name}":
@@ -52,7 +43,7 @@ def kill_during(train, name: str) -> None:
             die()
         real(folder)
 
-    training._fsync_tree = fsync_or_die
+    checkpoints._fsync_tree = fsync_or_die
 
 
 def kill_after(train, name: str) -> None:
@@ -68,14 +59,14 @@ def kill_after(train, name: str) -> None:
 
 
 def _on_training_batch(fault):
-    """Wraps ``training._step_batch`` (shared with evaluation, which runs without grad)."""
-    real = training._step_batch
+    """Wraps ``loop._step_batch`` (shared with evaluation, which runs without grad)."""
+    real = loop._step_batch
 
     def step_batch(batch, accelerator, channels_last):
         x, y = real(batch, accelerator, channels_last)
         return fault(x, y, accelerator) if torch.is_grad_enabled() else (x, y)
 
-    training._step_batch = step_batch
+    loop._step_batch = step_batch
 
 
 def nan_at(train, epoch: str, step: str) -> None:
@@ -114,9 +105,8 @@ FAULTS = {"kill-during": kill_during, "kill-after": kill_after, "nan-at": nan_at
 
 def main() -> int:
     kind, *params = os.environ["RESTE_FAULT"].split(":")
-    train = load_train_script()
-    FAULTS[kind](train, *params)
-    return train.main(sys.argv[1:])
+    FAULTS[kind](run, *params)
+    return run.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Packed 1-bit export of binary models: sign bits plus one scale per binary conv, in safetensors.
+"""The packed 1-bit form of binary models' weights: sign bits plus one scale per binary conv.
 
 A :class:`~reste_timm.layers.BinaryConv2d` only ever uses ``sign(w)`` and ``mean(|w|)`` of its latent
 weight, so that is all a deployable file needs. For a binary layer ``<name>`` the file holds
@@ -26,25 +26,21 @@ an activation that lies within that rounding of 0).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .layers import BinaryConv2d
 
-__all__ = ["export_packed", "load_packed", "pack_bits", "unpack_bits", "unpack_state_dict", "summary"]
+__all__ = ["DTYPES", "PACKED_FORMAT", "PACKED_VERSION", "PackedFormatError", "is_packed", "pack_bits",
+           "packed_state_dict", "unpack_bits", "unpack_state_dict", "unpacked_shapes"]
 
 PACKED_FORMAT = "reste-timm-packed"
 PACKED_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"  # timm's preferred name, so local-dir loading finds it
-CONFIG_NAME = "config.json"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-_SKIP_CFG_KEYS = ("architecture", "file", "source", "state_dict", "url", "hf_hub_id", "hf_hub_filename")
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +92,7 @@ def _store_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def packed_state_dict(model: nn.Module, float_dtype: str = "float16") -> Dict[str, torch.Tensor]:
     """The tensors :func:`export_packed` writes (see the module docstring for the keys)."""
-    dtype = _DTYPES[float_dtype]
+    dtype = DTYPES[float_dtype]
     state = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
@@ -231,161 +227,3 @@ def _match_mean(magnitude: torch.Tensor, index: int, shape, target: float) -> No
     mean_at(lo)
 
 
-def _infer_model_args(model: nn.Module) -> Dict[str, Any]:
-    args: Dict[str, Any] = {}
-    if getattr(model, "num_classes", None) is not None:
-        args["num_classes"] = int(model.num_classes)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None:
-        args["in_chans"] = int(first_conv.in_channels)
-    layer = next((m for m in model.modules() if isinstance(m, BinaryConv2d)), None)
-    if layer is not None:
-        args["estimator"] = layer.estimator
-        args["binarize_input"] = layer.binarize_input
-    return args
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def export_packed(model: nn.Module, folder: Union[str, Path], float_dtype: str = "float16",
-                  architecture: Optional[str] = None, model_args: Optional[Dict[str, Any]] = None) -> Path:
-    """Writes ``model.safetensors`` (packed) and ``config.json`` into ``folder``.
-
-    Args:
-        model: A model with :class:`BinaryConv2d` layers (an FP model works too, nothing is packed).
-        folder: Output folder, created if needed.
-        float_dtype: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"`` for the non-binary
-            tensors; float32 makes the rebuilt model's predictions match to float rounding.
-        architecture: timm model name; default ``model.pretrained_cfg["architecture"]``.
-        model_args: Extra ``timm.create_model`` arguments, merged over the inferred ``num_classes``,
-            ``in_chans``, ``estimator`` and ``binarize_input``.
-
-    Returns:
-        The folder.
-
-    Raises:
-        ValueError: unknown ``float_dtype``, no architecture, or a non-finite binary weight.
-    """
-    from safetensors.torch import save_file
-
-    if float_dtype not in _DTYPES:
-        raise ValueError(f"float_dtype must be one of {sorted(_DTYPES)}, got {float_dtype!r}")
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    architecture = architecture or pretrained_cfg.get("architecture")
-    if not architecture:
-        raise ValueError("architecture unknown: pass architecture= (the model has no pretrained_cfg)")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = packed_state_dict(model, float_dtype)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "packing": PACKED_FORMAT})
-    layers = {n: {"shape": list(m.weight.shape), "zeros": int((m.weight == 0).sum())}
-              for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
-    config = {
-        "architecture": architecture,
-        "num_classes": getattr(model, "num_classes", None),
-        "num_features": getattr(model, "num_features", None),
-        "model_args": {**_infer_model_args(model), **(model_args or {})},
-        "pretrained_cfg": {k: v for k, v in pretrained_cfg.items()
-                           if k not in _SKIP_CFG_KEYS and _jsonable(v)},
-        "reste_timm_packed": {"format": PACKED_FORMAT, "version": PACKED_VERSION,
-                              "float_dtype": float_dtype, "binary_layers": layers},
-    }
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def load_packed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
-                cache_weights: bool = False, **kwargs) -> nn.Module:
-    """Rebuilds a model written by :func:`export_packed`, in eval mode.
-
-    Args:
-        folder: The export folder.
-        device: Where to put the model.
-        cache_weights: Compute each binary weight once for no-grad forwards
-            (:func:`reste_timm.layers.set_weight_cache`); faster inference at the cost of one float
-            copy of the binary weights.
-        **kwargs: ``timm.create_model`` overrides on top of the stored ``model_args``.
-
-    Raises:
-        ValueError: the folder is not a packed export of a known version.
-    """
-    import timm
-    from safetensors.torch import load_file
-
-    from .layers import set_weight_cache
-
-    folder = Path(folder)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    info = config.get("reste_timm_packed", {})
-    if info.get("format") != PACKED_FORMAT or info.get("version", 0) > PACKED_VERSION:
-        raise ValueError(f"{folder} is not a {PACKED_FORMAT} export this version can read")
-    model = timm.create_model(config["architecture"], pretrained=False,
-                              **{**config.get("model_args", {}), **kwargs})
-    model.load_state_dict(unpack_state_dict(load_file(str(folder / WEIGHTS_NAME)), model))
-    model.pretrained_cfg = {**config.get("pretrained_cfg", {}), "architecture": config["architecture"]}
-    set_weight_cache(model, cache_weights)
-    return model.to(device).eval()
-
-
-def _row(name: str, module: nn.Module, float_bits: int) -> Optional[Dict[str, Any]]:
-    params = list(module.parameters(recurse=False))
-    if not params:
-        return None
-    total = sum(p.numel() for p in params)
-    binary = module.weight.numel() if isinstance(module, BinaryConv2d) else 0
-    floats = total - binary
-    # A binary layer stores its bits (rounded up to bytes) and one float32 scale.
-    packed_bytes = (math.ceil(binary / 8) + 4 if binary else 0) + floats * float_bits // 8
-    act_bits = 1 if isinstance(module, BinaryConv2d) and module.binarize_input else 32
-    return {"name": name or "(model)", "type": type(module).__name__,
-            "weight_bits": 1 if binary else float_bits, "input_bits": act_bits,
-            "binary_params": binary, "float_params": floats, "params": total,
-            "float32_bytes": total * 4, "packed_bytes": packed_bytes}
-
-
-def summary(model: nn.Module, float_bits: int = 16, print_fn: Optional[Callable[[str], None]] = print
-            ) -> Dict[str, Any]:
-    """Per-layer bit-widths, parameter counts and memory, like larq's ``model_summary``.
-
-    Memory counts parameters only (buffers such as BatchNorm statistics are not parameters): float32
-    for the float model; for the packed one, 1 bit per binary weight plus a float32 scale per binary
-    layer, and ``float_bits`` per other parameter.
-
-    Args:
-        model: Any model.
-        float_bits: Bits per non-binary parameter in the packed model (16 or 32).
-        print_fn: Where the table goes; None prints nothing.
-
-    Returns:
-        ``{"layers": [row, ...], "params", "binary_params", "float_params", "float32_bytes",
-        "packed_bytes", "compression"}`` where ``compression = float32_bytes / packed_bytes``.
-    """
-    rows = [r for n, m in model.named_modules() if (r := _row(n, m, float_bits)) is not None]
-    totals = {k: sum(r[k] for r in rows)
-              for k in ("params", "binary_params", "float_params", "float32_bytes", "packed_bytes")}
-    totals["compression"] = totals["float32_bytes"] / max(totals["packed_bytes"], 1)
-    if print_fn is not None:
-        print_fn(_format_summary(rows, totals, float_bits))
-    return {"layers": rows, **totals}
-
-
-def _format_summary(rows, totals, float_bits: int) -> str:
-    head = (f"{'Layer':<28} {'Type':<14} {'W bits':>6} {'A bits':>6} {'# 1-bit':>10} "
-            f"{'# float':>10} {'Mem fp32 kB':>12} {'Mem packed kB':>14}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['name'][:28]:<28} {r['type'][:14]:<14} {r['weight_bits']:>6} {r['input_bits']:>6} "
-                     f"{r['binary_params']:>10,} {r['float_params']:>10,} {r['float32_bytes'] / 1e3:>12.1f} "
-                     f"{r['packed_bytes'] / 1e3:>14.1f}")
-    lines += ["-" * len(head),
-              f"Total params: {totals['params']:,} ({totals['binary_params']:,} 1-bit, "
-              f"{totals['float_params']:,} at {float_bits} bits)",
-              f"Memory: {totals['float32_bytes'] / 1e6:.2f} MB float32 -> "
-              f"{totals['packed_bytes'] / 1e6:.2f} MB packed, compression x{totals['compression']:.1f}"]
-    return "\n".join(lines)

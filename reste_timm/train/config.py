@@ -1,20 +1,27 @@
 """Training configuration: argparse flags whose names are also the YAML keys.
 
-Precedence is defaults < YAML file (``--config``) < command line. YAML keys may be written with
-dashes or underscores (``data-path`` or ``data_path``); an unknown key or a value of the wrong type
-exits with code 2 and one line naming the file, key and value, before anything is written.
+Precedence is defaults < YAML file (``--config``) < command line. ``--config`` takes a path or the
+name of a config shipped in the package (``cifar10/resnet20_1w1a_reste``; ``reste-timm configs``
+lists them). YAML keys may be written with dashes or underscores (``data-path`` or ``data_path``); an
+unknown key or a value of the wrong type exits with code 2 and one line naming the file, key and
+value, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "build_parser", "parse_config", "validate_config"]
+__all__ = ["ConfigError", "build_parser", "packaged_configs", "parse_config", "resolve_config",
+           "validate_config"]
+
+PROG = "reste-timm train"
 
 
 class ConfigError(ValueError):
@@ -30,9 +37,10 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All flags of scripts/train.py; their dest names are the YAML keys."""
-    p = _OneLineParser(prog="train.py", description="Train a binary timm model with ReSTE.")
-    p.add_argument("--config", type=str, default=None, help="YAML file of flags")
+    """All flags of ``reste-timm train``; their dest names are the YAML keys."""
+    p = _OneLineParser(prog=PROG, description="Train a binary timm model with ReSTE.")
+    p.add_argument("--config", type=str, default=None,
+                   help="YAML file of flags: a path, or a packaged name such as cifar10/resnet20_1w1a_reste")
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="resnet20_1w1a_reste")
     g.add_argument("--estimator", type=str, default="reste", help="sign estimator of the binary convs")
@@ -112,6 +120,32 @@ def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
+def packaged_configs() -> Dict[str, Path]:
+    """The configs shipped in the package, by name (``cifar10/resnet20_1w1a_reste``), sorted."""
+    root = Path(str(importlib.resources.files("reste_timm.configs")))
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.glob("*/*.yaml"))}
+
+
+def resolve_config(value: str) -> Path:
+    """A config file: ``value`` itself when it is a file, else the packaged config of that name.
+
+    ``configs/cifar10/resnet20_1w1a_reste.yaml``, ``cifar10/resnet20_1w1a_reste.yaml`` and
+    ``cifar10/resnet20_1w1a_reste`` all name the same packaged file when no such path exists.
+
+    Raises:
+        ConfigError: Neither a file nor a packaged name.
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    name = value.removeprefix("configs/").removesuffix(".yaml")
+    found = packaged_configs().get(name)
+    if found is None:
+        raise ConfigError(f"{value}: config file not found (give a path, or a packaged name: "
+                          "`reste-timm configs` lists them)")
+    return found
+
+
 def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
     """Reads a YAML config into ``{dest: value}``, rejecting unknown keys and bad values."""
     file = Path(path)
@@ -137,12 +171,17 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parses defaults < YAML < command line, then checks values; exits 2 on the first bad one."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
+    from_yaml: Dict[str, Any] = {}
     if known.config:
         try:
-            parser.set_defaults(**load_yaml_defaults(parser, known.config))
+            known.config = str(resolve_config(known.config))
+            from_yaml = load_yaml_defaults(parser, known.config)
         except ConfigError as e:
             parser.error(str(e))
+        parser.set_defaults(**from_yaml, config=known.config)
     args = parser.parse_args(argv)
+    args.config = known.config  # the resolved file, whichever way it was named
+    _fit_warmup(args, from_yaml.get("epochs"))
     try:
         validate_config(args)
     except ConfigError as e:
@@ -151,6 +190,21 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         name = Path(args.config).stem if args.config else args.model
         args.output_dir = str(Path("outputs") / name)
     return args
+
+
+def _fit_warmup(args: argparse.Namespace, config_epochs: Optional[int]) -> None:
+    """Scales the warm-up when ``--epochs`` is set at or below it (a shortened run), saying so once.
+
+    The warm-up keeps its share of the config's epochs (CIFAR: 5 of 1000), rounded down and below
+    ``epochs``: shortening a run is the first thing people do, and the warm-up would make it invalid.
+    """
+    if not (isinstance(args.epochs, int) and 0 < args.epochs <= args.warmup_epochs):
+        return
+    old, base = args.warmup_epochs, config_epochs or args.warmup_epochs
+    args.warmup_epochs = min(old * args.epochs // max(base, 1), args.epochs - 1)
+    if int(os.environ.get("RANK", "0")) == 0:  # once under accelerate launch
+        print(f"{PROG}: warmup_epochs {old} >= epochs {args.epochs}: warm-up scaled to {args.warmup_epochs} "
+              f"epoch(s) ({old} of the config's {base} epochs)", file=sys.stderr, flush=True)
 
 
 def _checks(args: argparse.Namespace) -> List[tuple]:
@@ -178,7 +232,7 @@ def validate_config(args: argparse.Namespace) -> None:
     """Semantic checks (ranges, known model, estimator and dataset)."""
     import timm
 
-    from . import list_estimators
+    from ..nn.estimators import list_estimators
     from .data import KNOWN_SOURCES, is_hub_dataset_id
 
     src = f"{args.config}: " if args.config else ""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataSplits, _decode
+from .data import DataSplits, decode_image
 
 __all__ = ["DeviceImageLoader", "split_to_uint8"]
 
@@ -23,7 +23,7 @@ def split_to_uint8(split, image_column: str, label_column: str, size: int):
     """Decodes a ``datasets`` split into ``(N, 3, size, size)`` uint8 and ``(N,)`` int64 tensors."""
     images, labels = [], []
     for row in split:
-        image = _decode(row[image_column]).convert("RGB")
+        image = decode_image(row[image_column]).convert("RGB")
         if image.size != (size, size):
             image = image.resize((size, size))
         images.append(np.asarray(image, dtype=np.uint8))

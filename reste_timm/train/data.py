@@ -25,7 +25,7 @@ from PIL import Image as PILImage
 
 __all__ = ["DataSplits", "KNOWN_SOURCES", "DataError", "is_hub_dataset_id", "load_splits",
            "build_transforms", "default_recipe", "EpochShuffleSampler", "ImageTransform", "SeededAugment",
-           "collate_images", "digits_arrays"]
+           "collate_images", "decode_image", "digits_arrays"]
 
 KNOWN_SOURCES = ("digits", "cifar10-py", "imagefolder", "parquet", "arrow")
 _VAL_SPLITS = ("validation", "val", "test")
@@ -226,7 +226,8 @@ def load_splits(dataset: str, data_path: Optional[str] = None, image_column: Opt
     return DataSplits(train, val, num_classes, image_column, label_column, names)
 
 
-def _decode(value: Any) -> PILImage.Image:
+def decode_image(value: Any) -> PILImage.Image:
+    """A PIL image from what a ``datasets`` image column holds (bytes, a path, an array or an image)."""
     if isinstance(value, PILImage.Image):
         return value
     if isinstance(value, dict):
@@ -268,7 +269,7 @@ class ImageTransform:
             if not 0 <= int(label) < self.num_classes:
                 raise DataError(f"{_describe(value, i)}: label {label} outside [0, {self.num_classes})")
             try:
-                image = _decode(value).convert("RGB")
+                image = decode_image(value).convert("RGB")
                 images.append(self.transform(image))
             except (OSError, ValueError, SyntaxError) as e:
                 if not self.skip_bad:

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict, resolve_pretrained_cfg, split_model_name_tag
 
-from .hub import CheckpointError, PathLike, _compare, _first_line, push_to_hub, save_pretrained
+from ..files import CheckpointError, PathLike, compare_shapes, first_line
+from .save import push_to_hub, save_pretrained
 
 __all__ = ["convert_official_checkpoint"]
 
@@ -20,7 +21,7 @@ def _official_state_dict(checkpoint: PathLike) -> Tuple[Dict[str, torch.Tensor],
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors have many types)
         raise CheckpointError(checkpoint, None,
-                              f"cannot be read with weights_only=True: {_first_line(e)}") from e
+                              f"cannot be read with weights_only=True: {first_line(e)}") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         state_dict, extra = ckpt["state_dict"], {k: v for k, v in ckpt.items() if k != "state_dict"}
     elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -61,7 +62,7 @@ def convert_official_checkpoint(checkpoint: PathLike, model_name: str, out: Path
         num_classes = state_dict[f"{classifier}.weight"].shape[0]
     model = timm.create_model(model_name, num_classes=num_classes)
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
-    _compare({k: tuple(v.shape) for k, v in model.state_dict().items()}, found, checkpoint, model_name)
+    compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, found, checkpoint, model_name)
     model.load_state_dict(state_dict, strict=True)
     model.eval()
     metrics = {"top1": float(extra["best_prec1"])} if "best_prec1" in extra else None

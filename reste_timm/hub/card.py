@@ -1,6 +1,6 @@
 """The ``README.md`` model card of a saved ReSTE model (Hub metadata, usage, results, citation).
 
-Kept apart from :mod:`reste_timm.hub` so that the saving and checking code stays short; the card is
+Kept apart from :mod:`reste_timm.hub.save` so that the saving and checking code stays short; the card is
 rendered from the ``config.json`` content alone, so it always describes the files beside it.
 """
 
@@ -11,6 +11,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
+
+from ..models import hub_id
 
 __all__ = ["render_model_card"]
 
@@ -86,9 +88,6 @@ def render_model_card(config: Mapping[str, Any], metrics: Optional[Mapping[str, 
     pcfg, args = config["pretrained_cfg"], config.get("model_args", {})
     tag = pcfg.get("tag") or ""
     name = f"{config['architecture']}.{tag}" if tag else config["architecture"]
-    # Imported here: the models import hub, which imports this module.
-    from .models._common import hub_id
-
     repo_id = repo_id or hub_id(name)
     dataset = dataset or _DATASETS.get(tag, (None,))[0]
     dataset_name = dict(_DATASETS.values()).get(dataset, dataset)

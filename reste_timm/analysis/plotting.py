@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .estimators import RESTE_THRESHOLD, reste_backward_factor, reste_equivalent_forward
+from ..nn.estimators import RESTE_THRESHOLD, reste_backward_factor, reste_equivalent_forward
 from .study import read_metrics
 
 __all__ = ["plot_estimators", "plot_run", "plot_study"]

@@ -1,9 +1,9 @@
-"""The estimator study (scripts/study.py) without the training: plan, collect, aggregate, report.
+"""The estimator study (``reste-timm study``) without the training: plan, collect, aggregate, report.
 
 A study trains one model with several estimators (STE, ApproxSign, EDE, and ReSTE at several
 ``o_end``) over several seeds, each run with ``--cal-ind``, and puts each configuration's accuracy
 beside the paper's two indicators (RESTE_SPEC.md, section 5). Everything here reads the files that
-``scripts/train.py`` writes into a run folder (``config.yaml``, ``metrics.jsonl``, ``results.json``),
+``reste-timm train`` writes into a run folder (``config.yaml``, ``metrics.jsonl``, ``results.json``),
 so it can be tested on hand-made folders and rerun on finished runs without training again.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["RunSpec", "plan_runs", "config_label", "read_metrics", "load_run", "
 
 DISPLAY = {"ste": "STE", "approxsign": "ApproxSign", "ede": "EDE", "reste": "ReSTE"}
 _ORDER = ("ste", "approxsign", "ede", "reste")
-STAMP = "study_run.json"  # written by scripts/study.py into a finished run: its train.py command and time
+STAMP = "study_run.json"  # written by the study into a finished run: its train command and time
 TABLE_COLUMNS = ("Estimator", "o_end", "Seeds", "Epochs", "Top-1 (%)", "Mean est. error",
                  "Summed grad. stability")
 
@@ -34,7 +34,7 @@ class RunSpec:
 
     Attributes:
         estimator: Registered estimator name.
-        o_end: Final exponent passed to train.py; for estimators other than ReSTE it only sets the
+        o_end: Final exponent passed to the training run; for estimators other than ReSTE it only sets the
             ``o`` at which the estimating error is evaluated.
         seed: Random seed.
     """
@@ -109,13 +109,13 @@ def load_run(run_dir) -> Dict[str, Any]:
     """One finished run: its settings, final top-1 and the indicators of its last epoch.
 
     Args:
-        run_dir: A folder written by train.py (``config.yaml``, ``metrics.jsonl``, ``results.json``).
+        run_dir: A run folder (``config.yaml``, ``metrics.jsonl``, ``results.json``).
 
     Returns:
         ``run_dir``, ``estimator``, ``o_end``, ``seed``, ``model``, ``dataset``, ``epochs`` (epochs
         recorded), ``max_train_steps``, ``final_top1``, ``best_top1``, ``mean_estimating_error`` and
         ``sum_gradient_stability`` (None when the run had no ``--cal-ind``), and ``train_seconds``
-        (the train.py process's wall time when scripts/study.py ran it, else None).
+        (the training process's wall time when the study ran it, else None).
 
     Raises:
         FileNotFoundError: a file is missing (an unfinished run has no ``results.json``).
@@ -248,7 +248,7 @@ def render_table(rows: Sequence[Dict[str, Any]], meta: Optional[Dict[str, Any]] 
         lines.append(f"- Command: `{meta['command']}`")
     seconds = [s for row in rows for s in row.get("train_seconds", []) if s is not None]
     if seconds:
-        lines.append(f"- Training time: {len(seconds)} train.py processes (start-up included), "
+        lines.append(f"- Training time: {len(seconds)} training processes (start-up included), "
                      f"{statistics.fmean(seconds):.0f} s each on average, {sum(seconds) / 60:.1f} min in all "
                      f"({meta.get('host', 'this host')}).")
     if meta.get("wall_s") is not None:

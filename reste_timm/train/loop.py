@@ -1,4 +1,4 @@
-"""Library pieces of scripts/train.py: model, optimiser, schedule, the epoch loops and checkpoints.
+"""The training loop's pieces: model, optimiser, schedule, the epoch loops and evaluation.
 
 The script only wires these together (the accelerate examples' style); everything here takes its
 settings as arguments, nothing reads a global.
@@ -6,13 +6,8 @@ settings as arguments, nothing reads a global.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
@@ -21,16 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import accuracy
 
-from .annealing import ExponentAnnealing
-from .hub import _fsync_dir, check_pretrained
-from .indicators import estimating_error, gradient_stability
+from ..hub.check import check_pretrained
+from ..nn.annealing import ExponentAnnealing
+from ..nn.indicators import estimating_error, gradient_stability
 
 __all__ = ["NonFiniteLossError", "TrainState", "build_model", "build_optimizer", "build_lr_scheduler",
-           "lr_factor", "train_one_epoch", "evaluate", "save_checkpoint", "latest_checkpoint",
-           "remove_partial_checkpoints", "MetricsLog", "is_reste_model"]
+           "lr_factor", "train_one_epoch", "evaluate", "is_reste_model"]
 
 _OUR_MODULES = ("reste_resnet", "reste_cifar_resnet", "reste_vgg")
-_CKPT = re.compile(r"^(epoch|step)_(\d+)$")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -203,84 +196,3 @@ def evaluate(model, loader, accelerator, channels_last: bool = False) -> Dict[st
             "val_count": int(y.shape[0])}
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-
-
-def _discard(folder: Path) -> None:
-    """Removes a checkpoint folder by renaming it to ``.tmp-*`` first (atomic), then deleting it.
-
-    A run killed while deleting leaves a ``.tmp-*`` folder, never a half-deleted folder under a
-    checkpoint name (whose fresh mtime would make it look like the latest one).
-    """
-    trash = folder.with_name(f".tmp-old-{folder.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def save_checkpoint(accelerator, checkpoints_dir: Path, name: str, keep: int = 2) -> Path:
-    """``accelerator.save_state`` into a temporary folder, fsync, then an atomic rename.
-
-    A run killed while writing leaves only a ``.tmp-*`` folder, which :func:`latest_checkpoint` ignores;
-    the last complete checkpoint stays intact. Older complete checkpoints beyond ``keep`` are removed.
-    """
-    final = checkpoints_dir / name
-    tmp = checkpoints_dir / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
-        for old in _complete_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
-            _discard(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def remove_partial_checkpoints(checkpoints_dir: Path) -> list:
-    """Deletes the ``.tmp-*`` folders a killed run left behind; returns their names."""
-    partial = sorted(p for p in checkpoints_dir.glob(".tmp-*")) if checkpoints_dir.is_dir() else []
-    for path in partial:
-        shutil.rmtree(path, ignore_errors=True)
-    return [p.name for p in partial]
-
-
-def _complete_checkpoints(checkpoints_dir: Path):
-    found = [p for p in checkpoints_dir.glob("*") if p.is_dir() and _CKPT.match(p.name)]
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
-    """The most recently completed checkpoint folder, or None."""
-    found = _complete_checkpoints(checkpoints_dir) if checkpoints_dir.is_dir() else []
-    return found[-1] if found else None
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON line per epoch; on resume, lines past the resumed epoch are dropped."""
-
-    def __init__(self, path: Path, resume_epoch: Optional[int] = None):
-        self.path = path
-        if resume_epoch is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] < resume_epoch]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif resume_epoch is None and path.exists():
-            path.unlink()
-
-    def write(self, record: Dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())

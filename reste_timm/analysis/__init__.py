@@ -1,0 +1,5 @@
+"""Analysis: the estimator study, figures and the per-layer model summary."""
+
+from .summary import summary
+
+__all__ = ["summary"]
