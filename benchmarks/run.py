@@ -36,7 +36,7 @@ from timing import interleaved, peak_step_memory, stats  # noqa: E402
 import reste_timm  # noqa: E402, F401  (registers the models)
 from reste_timm.analysis import summary  # noqa: E402
 from reste_timm.hub import export_packed, load_packed  # noqa: E402
-from reste_timm.nn.estimators import set_fused_backward, sign_reste  # noqa: E402
+from reste_timm.nn.estimators import hyperparameters, native_kernels, sign  # noqa: E402
 from reste_timm.train.allocator import tune_cpu_allocator  # noqa: E402
 
 _PARTS = ("estimator", "training", "packed")
@@ -70,24 +70,24 @@ def bench_estimator(device: torch.device, quick: bool) -> dict:
     n = 4_000_000
     x = torch.randn(n, device=device, requires_grad=True)
     grad = torch.randn(n, device=device)
-    def case(fn, mode="never"):
+
+    def case(fn, native=True):
         def run():
-            set_fused_backward(mode)
-            x.grad = None
-            fn(x).backward(grad)
+            with native_kernels(native):
+                x.grad = None
+                fn(x).backward(grad)
         return run
 
-    ours = {"ours (default: C loop)": "auto", "ours (compiled kernel)": "compile"} if device.type == "cpu" \
-        else {"ours (compiled kernel)": "always"}
-    cases = {name: case(lambda t: sign_reste(t, O_BENCH), mode) for name, mode in ours.items()}
+    hp = hyperparameters(O_BENCH, 0.0, device)
+    cases = {"ours (default: the op, C on CPU)": case(lambda t: sign(t, hp, "reste", 1.5, 0.1))}
+    if device.type == "cpu":
+        cases["ours (the op, torch implementation)"] = case(lambda t: sign(t, hp, "reste", 1.5, 0.1), False)
     cases.update({
-        "ours (eager kernel)": case(lambda t: sign_reste(t, O_BENCH)),
         "detach form G+(sign-G).detach()": case(lambda t: reste_detach_form(t, O_BENCH)),
         "masked indexing (reference)": case(lambda t: masked_sign_reste(t, O_BENCH)),
         "floor: sign + 1 multiply": case(_Floor.apply),
     })
     times = interleaved(cases, rounds=5 if quick else 20, device=device, warmup=1 if quick else 2)
-    set_fused_backward("auto")
     rows = {name: stats(t) for name, t in times.items()}
     masked, floor = rows["masked indexing (reference)"], rows["floor: sign + 1 multiply"]
     for row in rows.values():

@@ -23,17 +23,17 @@ from .hub import (  # noqa: E402
 )
 from .nn import (  # noqa: E402
     BinaryConv2d,
+    Estimator,
     ExponentAnnealing,
     annealed_exponent,
     binary_layers,
     estimating_error,
-    fused_backward_mode,
     get_estimator,
     gradient_stability,
     list_estimators,
+    native_kernels,
     register_estimator,
     set_exponent,
-    set_fused_backward,
     set_progress,
     set_weight_cache,
     sign_approx,
@@ -46,7 +46,7 @@ from .nn.packing import unpack_state_dict  # noqa: E402
 __all__ = [
     "CheckpointError", "check_folder", "check_pretrained", "convert_official_checkpoint", "load_model",
     "push_to_hub", "save_pretrained", "export_packed", "load_packed", "summary", "unpack_state_dict",
-    "set_fused_backward", "fused_backward_mode", "set_weight_cache",
+    "Estimator", "native_kernels", "set_weight_cache",
     "BinaryConv2d", "ExponentAnnealing", "annealed_exponent", "binary_layers", "estimating_error",
     "get_estimator", "gradient_stability", "list_estimators", "register_estimator", "set_exponent",
     "set_progress", "sign_approx", "sign_ede", "sign_reste", "sign_ste",

@@ -186,7 +186,7 @@ def test_estimator_name_is_validated_and_kept():
 
 @pytest.fixture
 def plain_reste():
-    """ReSTE registered without its fused backward: BinaryConv2d takes the plain conv(est(a)) path."""
+    """ReSTE registered as a function: BinaryConv2d takes the plain conv(est(a), est(w) * s) path."""
     from reste_timm.nn import estimators
 
     @estimators.register_estimator("reste_plain_test")
@@ -209,8 +209,11 @@ def _saved_bytes(layer: BinaryConv2d, x: torch.Tensor) -> int:
     return sum(sizes)
 
 
+OP_NODE = "GeneratedBackwardFor_reste_timm_binary_conv2d_defaultBackward"
+
+
 @pytest.mark.parametrize("conv_kwargs", [{}, {"stride": 2, "dilation": 2, "bias": False}], ids=["s1", "s2d2"])
-def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv_kwargs):
+def test_conv_op_matches_the_plain_path_and_keeps_less(plain_reste, conv_kwargs):
     fused, plain = _layer(**conv_kwargs), _layer(estimator=plain_reste, **conv_kwargs)
     set_exponent(fused, 2.2)
     set_exponent(plain, 2.2)
@@ -218,7 +221,7 @@ def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv
     x2 = x1.detach().clone().requires_grad_()
     out1, out2 = fused(x1), plain(x2)
     up = torch.randn(out1.shape, dtype=torch.float64)
-    assert out1.grad_fn.name().startswith("_SignConv2d") and not out2.grad_fn.name().startswith("_SignConv2d")
+    assert out1.grad_fn.name() == OP_NODE and out2.grad_fn.name() != OP_NODE
     assert torch.equal(out1, out2)
     out1.backward(up)
     out2.backward(up)
@@ -226,21 +229,24 @@ def test_fused_sign_conv_matches_the_plain_path_and_keeps_less(plain_reste, conv
     torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-12, atol=1e-12)
     if fused.bias is not None:
         torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-12, atol=1e-12)
-    # The plain path keeps x (estimator) and sign(x) (conv); the fused one only x. For the weight the
-    # plain composition keeps w twice (estimator, abs) and est(w) (product); the fused node keeps w once.
+    # The plain path keeps x (estimator) and sign(x) (conv); the op only x. For the weight the plain
+    # composition keeps w twice (estimator, abs) and est(w) (product), the op w once; both keep bw, the
+    # scale and hp (the plain path twice: one sign op each for x and w).
     act = x1.numel() * x1.element_size()
     weight = fused.weight.numel() * fused.weight.element_size()
-    assert _saved_bytes(plain, x2) - _saved_bytes(fused, x1) == act + 2 * weight
+    hp = fused.hparams.numel() * fused.hparams.element_size()
+    assert _saved_bytes(plain, x2) - _saved_bytes(fused, x1) == act + 2 * weight + hp
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("needs", ["both", "input", "weight"])
-def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste, memory_format, needs):
-    """Float32 and large enough for the compiled kernel: the one-pass gradient-and-sign backward."""
-    from reste_timm.nn import estimators
+@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "torch-ops"])
+def test_float32_conv_op_matches_the_plain_path(plain_reste, memory_format, needs, native):
+    """Float32: the op's CPU backward runs the C loops (gradient and sign in one pass, the weight's
+    whole gradient in one call), or with native_kernels(False) the closed form."""
+    from reste_timm.nn.estimators import native_kernels
 
-    estimators.set_fused_backward("auto")
     fused = BinaryConv2d(8, 8, 3, padding=1, bias=True).to(memory_format=memory_format)
     plain = BinaryConv2d(8, 8, 3, padding=1, bias=True, estimator=plain_reste).to(memory_format=memory_format)
     plain.load_state_dict(fused.state_dict())
@@ -248,14 +254,16 @@ def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste
         set_exponent(layer, 2.5)
         layer.weight.requires_grad_(needs != "input")
     torch.manual_seed(2)
-    x = torch.randn(4, 8, 48, 48).contiguous(memory_format=memory_format)  # 73,728 >= FUSED_MIN_NUMEL
+    x = torch.randn(4, 8, 24, 24).contiguous(memory_format=memory_format)
     x[0, 0, 0, :5] = 0.0
     x1, x2 = x.clone().requires_grad_(needs != "weight"), x.clone().requires_grad_(needs != "weight")
-    out1, out2 = fused(x1), plain(x2)
-    assert out1.grad_fn.name().startswith("_SignConv2d") and torch.equal(out1, out2)
-    up = torch.randn(out1.shape)
-    out1.backward(up)
-    out2.backward(up)
+    with native_kernels(native):
+        out1 = fused(x1)
+        assert out1.grad_fn.name() == OP_NODE and torch.equal(out1, plain(x2))
+        up = torch.randn(out1.shape)
+        out1.backward(up)
+    with native_kernels(False):
+        plain(x2).backward(up)
     if needs != "weight":
         # Same formula, float32 rounding of the power computed two ways: a few ulps.
         torch.testing.assert_close(x1.grad, x2.grad, rtol=2e-6, atol=1e-6)
@@ -263,28 +271,25 @@ def test_fused_sign_conv_on_the_compiled_path_matches_the_plain_path(plain_reste
     if needs != "input":
         torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
-    assert estimators.fused_backward_mode() == "auto"  # the compiled kernels ran: no silent fallback
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["torch-ops", "c-loop"])
 @pytest.mark.parametrize("estimator", ["reste", "ste", "approxsign", "ede"])
-def test_binary_weight_is_one_node_with_the_gradient_of_the_composition(estimator, dtype):
-    from reste_timm.nn.estimators import get_estimator
+def test_weight_gradient_op_equals_the_composition(estimator, dtype):
+    """reste_timm::scaled_sign_grad, the binary weight's gradient in the conv op's backward, against
+    autograd through est(w) * mean(|w|) op by op."""
+    from reste_timm.nn.binary_conv import scaled_sign_grad
+    from reste_timm.nn.estimators import get_estimator, hyperparameters
 
-    layer = BinaryConv2d(16, 16, 3, padding=1, estimator=estimator, binarize_input=False).to(dtype)
-    set_exponent(layer, 2.5)
-    set_progress(layer, 0.4)
-    bw = layer.binary_weight()
-    assert bw.grad_fn.name() == "_ScaledSignBackward"
-    w = layer.weight.detach().clone().requires_grad_()
-    composed = get_estimator(estimator)(w, 2.5, 0.4) * w.abs().mean()  # autograd through each op
-    assert torch.equal(bw, composed)
-    up = torch.randn(bw.shape, dtype=dtype)
-    bw.backward(up)
+    torch.manual_seed(3)
+    w = torch.randn(16, 16, 3, 3, dtype=dtype, requires_grad=True)
+    composed = get_estimator(estimator)(w, 2.5, 0.4) * w.abs().mean()
+    up = torch.randn(composed.shape, dtype=dtype)
     composed.backward(up)
+    est = get_estimator(estimator)
+    got = scaled_sign_grad(w.detach(), up, w.detach().abs().mean(), hyperparameters(2.5, 0.4), est.kind,
+                           est.t, est.m)
     # float64 runs autograd's own ops in its order: equal to rounding; the float32 ReSTE weight takes
     # the C loop (FMA, a double sum): a few ulps.
     tol = 1e-12 if dtype == torch.float64 else 2e-6
-    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=tol, atol=tol * w.grad.abs().max().item())
-    with torch.no_grad():
-        assert layer.binary_weight().grad_fn is None
+    torch.testing.assert_close(got, w.grad, rtol=tol, atol=tol * w.grad.abs().max().item())

@@ -34,15 +34,12 @@ FAULTY = str(ROOT / "tests" / "fault_helpers" / "faulty_train.py")
 MODEL = "resnet20_1w1a_reste"
 TINY = ["--dataset", "digits", "--model", MODEL, "--batch-size", "32", "--val-batch-size", "120",
         "--max-train-steps", "3", "--epochs", "2", "--anneal", "step", "--lr", "0.05", "--report-to", "none"]
-# Eager estimator backward: no compile on the first step (the tiny runs would spend most of their time
-# there); every run of this file uses the same mode, so the weights compare exactly.
-ENV = {"RESTE_TIMM_FUSED_BACKWARD": "never"}
 
 
 def train(args, fault=None, timeout=240):
     script = [FAULTY] if fault else [TRAIN]
     return run_script(script + [str(a) for a in args], timeout=timeout,
-                      env=dict(ENV, **({"RESTE_FAULT": fault} if fault else {})))
+                      env={"RESTE_FAULT": fault} if fault else None)
 
 
 def assert_ok(proc):
@@ -362,7 +359,7 @@ def test_exception_on_one_of_two_processes_ends_both(tmp_path):
               "--main_process_port", str(_free_port())]
     start = time.monotonic()
     proc = run_script(launch + [FAULTY, *TINY, "--output-dir", str(tmp_path / "ddp")], timeout=150,
-                      env=dict(ENV, CUDA_VISIBLE_DEVICES="", RESTE_FAULT="raise-on-rank:1:2"))
+                      env=dict(CUDA_VISIBLE_DEVICES="", RESTE_FAULT="raise-on-rank:1:2"))
     assert proc.returncode != 0
     shown = proc.stdout + proc.stderr
     assert "RuntimeError: injected fault on rank 1 at training batch 2" in shown

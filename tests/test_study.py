@@ -147,8 +147,6 @@ def test_other_flags_pass_through_to_train():
 
 
 def test_real_study_end_to_end(tmp_path, capsys, monkeypatch):
-    # Eager estimator backward in the train.py children: a one-step run would mostly pay the compile.
-    monkeypatch.setenv("RESTE_TIMM_FUSED_BACKWARD", "never")
     study = load_script("study")
     out = tmp_path / "runs"
     argv = ["--estimators", "ste", "reste", "--o-ends", "2", "--seeds", "1", "--epochs", "1", "--jobs", "2",

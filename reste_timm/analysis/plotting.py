@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..nn.estimators import RESTE_THRESHOLD, reste_backward_factor, reste_equivalent_forward
+from ..nn.estimators import RESTE_THRESHOLD, reste_equivalent_forward, reste_factor
 from .study import read_metrics
 
 __all__ = ["plot_estimators", "plot_run", "plot_study"]
@@ -64,7 +64,7 @@ def plot_estimators(path, orders: Sequence[float] = (1.0, 2.0, 3.0), span: float
     bwd.plot(x, (x.abs() <= 1).double(), color="grey", ls="--", lw=2.0, label="STE")
     for o in orders:
         fwd.plot(x, reste_equivalent_forward(x, o), label=f"ReSTE $F_o$, o={o:g}")
-        bwd.plot(x, reste_backward_factor(x, o), label=f"ReSTE o={o:g}")
+        bwd.plot(x, reste_factor(x, o), label=f"ReSTE o={o:g}")
     for ax in (fwd, bwd):
         ax.axhline(0, color="black", lw=0.5)
         ax.axvline(0, color="black", lw=0.5)

@@ -2,11 +2,11 @@
 
 from .annealing import ExponentAnnealing, annealed_exponent
 from .estimators import (
-    fused_backward_mode,
+    Estimator,
     get_estimator,
     list_estimators,
+    native_kernels,
     register_estimator,
-    set_fused_backward,
     sign_approx,
     sign_ede,
     sign_reste,
@@ -16,8 +16,8 @@ from .indicators import estimating_error, gradient_stability
 from .layers import BinaryConv2d, binary_layers, set_exponent, set_progress, set_weight_cache
 
 __all__ = [
-    "BinaryConv2d", "ExponentAnnealing", "annealed_exponent", "binary_layers", "estimating_error",
-    "fused_backward_mode", "get_estimator", "gradient_stability", "list_estimators", "register_estimator",
-    "set_exponent", "set_fused_backward", "set_progress", "set_weight_cache", "sign_approx", "sign_ede",
+    "BinaryConv2d", "Estimator", "ExponentAnnealing", "annealed_exponent", "binary_layers",
+    "estimating_error", "get_estimator", "gradient_stability", "list_estimators", "native_kernels",
+    "register_estimator", "set_exponent", "set_progress", "set_weight_cache", "sign_approx", "sign_ede",
     "sign_reste", "sign_ste",
 ]

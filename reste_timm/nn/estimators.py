@@ -1,312 +1,314 @@
-"""Sign estimators: ``torch.sign`` forward with a surrogate gradient.
+"""Sign estimators: ``torch.sign`` forward, a surrogate gradient backward, each defined once here.
 
-Every estimator here binarizes with ``torch.sign`` (so ``sign(0) == 0``, as in the reference
+Every estimator binarizes with ``torch.sign`` (so ``sign(0) == 0``, as in the reference
 implementation) and differs only in the factor its backward multiplies the incoming gradient by.
-Each one is registered by name; :func:`get_estimator` returns a callable with the uniform signature
-``fn(x, o=1.0, progress=0.0)`` that :class:`reste_timm.layers.BinaryConv2d` calls, so a layer never
-needs to know which estimator it holds.
+That factor is written once, in closed form with torch ops (:func:`reste_factor`,
+:func:`ste_factor`, :func:`approxsign_factor`, :func:`ede_factor`); every faster implementation
+(the C loops of :mod:`reste_timm.nn.kernels`) is tested against it. docs/method.md derives them.
 
-The backward passes are ``torch.autograd.Function`` s that save only the input and compute
-``grad * factor(x)`` in one expression: on CPU a single fused pass through a ``torch.compile`` d kernel
-(compiled once per dtype, the first backward pays its few seconds), elsewhere, for small tensors or
-when compiling is unavailable a few in-place eager passes. The reference implementation's boolean-mask
-indexing is much slower (``benchmarks/run.py`` measures both); :func:`set_fused_backward` chooses.
+The estimators run as registered torch ops, so that ``torch.compile`` and ``torch.export`` see them:
+``reste_timm::sign`` (forward ``sign(x)``, gradient through ``reste_timm::sign_grad``). The exponent
+``o`` and EDE's training ``progress`` reach the ops as a tensor (``hp = [o, progress]``), not as Python
+numbers, so one compiled graph serves a whole annealing schedule. On CPU, ReSTE's float32 gradient
+runs in C; everywhere else, and where no C compiler exists, the closed form itself runs.
+
+Estimators are registered by name, like larq's quantizers: :func:`get_estimator` returns an
+:class:`Estimator`, called as ``est(x, o=1.0, progress=0.0)``; :func:`register_estimator` adds one,
+built-in kind or a plain function whose gradient autograd derives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from . import _ckernel
-from ._backward import _BackwardKernel, fused_backward_mode, set_fused_backward
+from . import kernels
 
 __all__ = [
-    "sign_ste",
-    "sign_reste",
-    "sign_approx",
-    "sign_ede",
-    "reste_backward_factor",
-    "reste_equivalent_forward",
-    "ede_parameters",
-    "get_estimator",
-    "list_estimators",
-    "register_estimator",
-    "set_fused_backward",
-    "fused_backward_mode",
+    "RESTE_INTERVAL", "RESTE_THRESHOLD", "Estimator", "approxsign_factor", "ede_factor", "ede_parameters",
+    "get_estimator", "hyperparameters", "list_estimators", "native_kernels", "register_estimator",
+    "reste_equivalent_forward", "reste_factor", "sign_approx", "sign_ede", "sign_grad", "sign_grad_and_sign",
+    "sign_grad_torch", "sign_reste", "sign_ste", "ste_factor",
 ]
 
 RESTE_THRESHOLD = 1.5
 RESTE_INTERVAL = 0.1
+Number = Union[float, torch.Tensor]
 
 
-def reste_backward_factor(x: torch.Tensor, o: float, t: float = RESTE_THRESHOLD,
-                          m: float = RESTE_INTERVAL) -> torch.Tensor:
-    """The ReSTE gradient factor, in closed form (the reference the fast kernels are tested against).
+# ----------------------------------------------------------------------------------- the closed forms
 
-    ``(1/o)|x|^((1-o)/o)`` for ``m < |x| <= t``, the secant slope ``m^(1/o)/m`` for ``|x| <= m``,
-    and ``0`` for ``|x| > t``; ``|x| == m`` takes the secant and ``|x| == t`` the power derivative.
+def reste_factor(x: torch.Tensor, o: Number, t: float = RESTE_THRESHOLD, m: float = RESTE_INTERVAL
+                 ) -> torch.Tensor:
+    """ReSTE's gradient factor (Wu et al., ICCV 2023), the definition every implementation follows.
+
+        f(x) = m^(1/o) / m              if |x| <= m      (the secant of F_o over [0, m]; x = 0 included)
+        f(x) = (1/o) |x|^((1-o)/o)      if m < |x| <= t  (the derivative of F_o(x) = sign(x)|x|^(1/o))
+        f(x) = 0                        if |x| > t
+
+    ``|x| == m`` takes the secant and ``|x| == t`` the power derivative, as in the reference. At
+    ``o = 1`` this is an STE clipped at ``t``.
 
     Args:
         x: Input tensor.
-        o: Exponent, ``o >= 1``.
+        o: Exponent ``>= 1``, a float or a 0-d tensor (the layers pass a tensor).
         t: Threshold beyond which the gradient is cut.
-        m: Half-width of the interval around 0 where the secant slope replaces the derivative.
+        m: Half-width of the interval around 0 where the secant replaces the derivative.
 
     Returns:
         A tensor of x's shape and dtype.
     """
     ax = x.abs()
-    secant = m ** (1.0 / o) / m
+    inv_o = 1.0 / o
+    secant = m ** inv_o / m
     # clamp_min keeps pow away from 0 (where it is inf); those entries take the secant anyway.
-    power = ax.clamp_min(m).pow((1.0 - o) / o) / o
-    factor = torch.where(ax <= m, torch.full_like(power, secant), power)
-    return factor.masked_fill(ax > t, 0.0)
+    power = ax.clamp_min(m).pow((1.0 - o) * inv_o) * inv_o
+    return torch.where(ax <= m, secant, power).masked_fill(ax > t, 0.0)
 
 
-def reste_equivalent_forward(x: torch.Tensor, o: float) -> torch.Tensor:
+def reste_equivalent_forward(x: torch.Tensor, o: Number) -> torch.Tensor:
     """ReSTE's equivalent forward ``F_o(x) = sign(x) * |x|^(1/o)`` (used by the indicators)."""
     return torch.sign(x) * x.abs().pow(1.0 / o)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Backward kernels: grad * factor(x), each written twice. The "fused" form is one expression over flat
-# tensors with its parameters in a tensor, so torch.compile turns it into a single vectorized pass and
-# a new exponent o (annealed every epoch or step) never triggers a recompile. The "eager" form works
-# in place on a few temporaries; it runs where compiling is off or unavailable, on small tensors (where
-# a compiled call's overhead outweighs the saved passes) and on other devices unless "always" is set.
-# |x|^p is computed as exp2(p * log2|x|), ~3x cheaper on CPU than pow with a general exponent; the fused
-# kernel also replaces log2 by a bit-level float32 version (_log2_float32). Both stay within a few
-# float32 ulps of the closed form (tests/test_estimators.py checks it).
-# ---------------------------------------------------------------------------------------------------
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    # float16/bfloat16 factors are computed in float32 (CPU half math is slow and less accurate).
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def ste_factor(x: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    """The clipped straight-through estimator's factor ``1[|x| <= bound]`` (BinaryConnect)."""
+    return (x.abs() <= bound).to(x.dtype)
 
 
-_LOG2_E = 1.4426950408889634
-_TWO_THIRDS_BITS = 0x3F2AAAAB  # float32 bits of 2/3
+def approxsign_factor(x: torch.Tensor) -> torch.Tensor:
+    """ApproxSign's factor ``max(2 - 2|x|, 0)`` (Bi-Real Net, Liu et al., ECCV 2018)."""
+    return torch.clamp_min(2.0 - 2.0 * x.abs(), 0.0)
 
 
-def _log2_float32(y):
-    """log2 of positive, normal float32 values, from the exponent bits and a short series.
-
-    ``y = 2^e * u`` with ``u`` in ``[2/3, 4/3)`` (subtracting the bits of 2/3 before splitting moves
-    the mantissa range there without a comparison); ``ln(u) = 2 atanh(s)``, ``s = (u-1)/(u+1)``,
-    ``|s| <= 0.2``: the series up to ``s^9`` leaves a truncation error below 4e-9, under float32
-    rounding. Inside the compiled kernel this is ~1.6x faster than the library log2 it replaces, which
-    was most of the ReSTE backward's time on CPU.
-    """
-    bits = y.view(torch.int32) - _TWO_THIRDS_BITS
-    exponent = bits >> 23  # arithmetic shift: floor, also for the negative values of y < 2/3
-    u = ((bits & 0x7FFFFF) + _TWO_THIRDS_BITS).view(torch.float32)
-    s = (u - 1.0) / (u + 1.0)
-    s2 = s * s
-    series = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))))
-    return exponent.to(torch.float32) + (2.0 * _LOG2_E) * s * series
-
-
-def _reste_fused(x, grad, p):
-    # p = (m, t, secant, 1/o, (1-o)/o); m is a normal float32 (see _RESTE_KERNEL), so is y below.
-    wide = x.dtype == torch.float64
-    ax = (x if wide else x.float()).abs()
-    y = torch.maximum(ax, p[0])
-    power = torch.exp2((torch.log2(y) if wide else _log2_float32(y)) * p[4]) * p[3]
-    factor = torch.where(ax <= p[0], p[2], torch.where(ax <= p[1], power, 0.0))
-    return (grad * factor).to(grad.dtype)
-
-
-def _reste_eager(x, grad, m, t, secant, inv_o, power):
-    ax = _upcast(x).abs()
-    f = ax.clamp_min(m).log2_().mul_(power).exp2_().mul_(inv_o)
-    f.masked_fill_(ax <= m, secant).masked_fill_(ax > t, 0.0)
-    return f.mul_(grad).to(grad.dtype)
-
-
-def _ste_fused(x, grad, p):
-    return torch.where(x.abs() <= p[0], grad, 0.0)
-
-
-def _ste_eager(x, grad, bound):
-    return torch.where(x.abs() <= bound, grad, 0.0)
-
-
-def _approx_fused(x, grad, p):
-    return grad * torch.clamp_min(2.0 - 2.0 * x.abs(), 0.0)
-
-
-def _approx_eager(x, grad):
-    f = _upcast(x).abs().mul_(-2.0).add_(2.0).clamp_min_(0.0)
-    return f.mul_(grad).to(grad.dtype)
-
-
-# 1 - tanh^2(u) is computed as 1 / cosh^2(u): the same function without the cancellation that loses
-# all digits of float32 once tanh(u) rounds to 1 (cosh overflows to inf, giving the right limit 0).
-def _ede_fused(x, grad, p):
-    # p = (k t, t)
-    return grad * (p[0] / torch.cosh(x * p[1]).square())
-
-
-def _ede_eager(x, grad, kt, t):
-    f = torch.cosh(_upcast(x) * t).square_().reciprocal_().mul_(kt)
-    return f.mul_(grad).to(grad.dtype)
-
-
-# The bit-level log2 needs |x| clamped at a normal float32: m >= 2^-126.
-_RESTE_KERNEL = _BackwardKernel("ReSTE", _reste_fused, _reste_eager,
-                                accepts=lambda p: p[0] >= torch.finfo(torch.float32).tiny,
-                                native=_ckernel.plan)
-_STE_KERNEL = _BackwardKernel("STE", _ste_fused, _ste_eager)
-_APPROX_KERNEL = _BackwardKernel("ApproxSign", _approx_fused, _approx_eager)
-_EDE_KERNEL = _BackwardKernel("EDE", _ede_fused, _ede_eager)
-
-
-class _SignSurrogate(torch.autograd.Function):
-    """``sign(x)`` forward; backward ``grad * factor(x)`` from a :class:`BackwardKernel`."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, params):
-        ctx.save_for_backward(x)
-        ctx.kernel, ctx.params = kernel, params
-        return torch.sign(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return ctx.kernel(x, grad, ctx.params), None, None
-
-
-def sign_ste(x: torch.Tensor) -> torch.Tensor:
-    """Straight-through estimator (BinaryConnect, clipped).
-
-    Forward: ``sign(x)``. Backward: ``grad * 1[|x| <= 1]``.
-    """
-    return _SignSurrogate.apply(x, _STE_KERNEL, (1.0,))
-
-
-def sign_reste(x: torch.Tensor, o: float = 1.0, t: float = RESTE_THRESHOLD,
-               m: float = RESTE_INTERVAL) -> torch.Tensor:
-    """Rectified straight-through estimator (ReSTE, Wu et al., ICCV 2023).
-
-    Forward: ``sign(x)``. Backward: ``grad * f(x)`` with the derivative of the equivalent forward
-    ``F_o(x) = sign(x)|x|^(1/o)``, rectified:
-
-        f(x) = m^(1/o) / m                 if |x| <= m       (secant over [0, m]; x = 0 included)
-        f(x) = (1/o) |x|^((1-o)/o)         if m < |x| <= t
-        f(x) = 0                           if |x| > t
-
-    At ``o = 1`` this is an STE clipped at ``t``. ``f`` is also the exact derivative of the continuous
-    ``G(x) = x m^(1/o)/m`` (``|x| <= m``), ``sign(x)|x|^(1/o)`` (``m < |x| <= t``), ``sign(x) t^(1/o)``
-    (beyond), so ``G(x) + (sign(x) - G(x)).detach()`` gives the same gradients, only slower.
-    ``|x|`` is compared with ``m`` and ``t`` rounded to the compute dtype (x's, float32 for 16-bit
-    inputs), as ``x <= m`` with a Python float does.
-
-    Args:
-        x: Input tensor (any floating dtype, any device).
-        o: Exponent, ``o >= 1``; annealed from 1 to ``o_end`` during training.
-        t: Gradient threshold (1.5 in the paper).
-        m: Small interval around 0 (0.1 in the paper), ``0 < m < t``.
-
-    Returns:
-        ``torch.sign(x)``, with the gradient above.
-    """
-    return _SignSurrogate.apply(x, *_reste_surrogate(o, t, m))
-
-
-def _reste_surrogate(o: float, t: float = RESTE_THRESHOLD, m: float = RESTE_INTERVAL):
-    if not o >= 1.0:
-        raise ValueError(f"ReSTE exponent o must be >= 1, got {o}")
-    if not 0.0 < m < t:
-        raise ValueError(f"ReSTE needs 0 < m < t, got m={m}, t={t}")
-    o, t, m = float(o), float(t), float(m)
-    if o == 1.0:  # the factor is exactly 1[|x| <= t] (secant and derivative are both 1): no powers
-        return _STE_KERNEL, (t,)
-    # Kernel parameters: the bounds, the secant slope, 1/o and the power (1-o)/o of |x|.
-    return _RESTE_KERNEL, (m, t, m ** (1.0 / o) / m, 1.0 / o, (1.0 - o) / o)
-
-
-def sign_approx(x: torch.Tensor) -> torch.Tensor:
-    """ApproxSign (Bi-Real Net, Liu et al., ECCV 2018).
-
-    Forward: ``sign(x)``. Backward: ``grad * (2 - 2|x|)`` on ``[-1, 1]``, ``0`` elsewhere
-    (``2 + 2x`` on ``[-1, 0)``, ``2 - 2x`` on ``[0, 1)``).
-    """
-    return _SignSurrogate.apply(x, _APPROX_KERNEL, ())
-
-
-def ede_parameters(progress: float) -> tuple:
+def ede_parameters(progress: Number) -> Tuple[Number, Number]:
     """EDE's ``(k, t)`` at a training progress in [0, 1] (IR-Net, Qin et al., CVPR 2020).
 
     ``t = 0.1 * 10^(2 * progress)`` grows from 0.1 to 10, and ``k = max(1/t, 1)``.
     """
+    if isinstance(progress, torch.Tensor):
+        t = 0.1 * torch.pow(10.0, 2.0 * progress)
+        return torch.clamp_min(1.0 / t, 1.0), t
     t = 0.1 * 10.0 ** (2.0 * float(progress))
     return max(1.0 / t, 1.0), t
 
 
-def sign_ede(x: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
-    """Error decay estimator (EDE, IR-Net, Qin et al., CVPR 2020).
-
-    Forward: ``sign(x)``. Backward: ``grad * k t (1 - tanh^2(t x))`` with ``(k, t)`` from
-    :func:`ede_parameters` at the current training ``progress``.
-    """
-    return _SignSurrogate.apply(x, *_ede_surrogate(progress))
-
-
-def _ede_surrogate(progress: float):
+def ede_factor(x: torch.Tensor, progress: Number) -> torch.Tensor:
+    """EDE's factor ``k t (1 - tanh^2(t x))``, computed as ``k t / cosh^2(t x)``: the same function
+    without the cancellation that loses every digit once ``tanh(t x)`` rounds to 1 (``cosh``
+    overflows to inf there, giving the right limit 0)."""
     k, t = ede_parameters(progress)
-    return _EDE_KERNEL, (k * t, t)
+    return (k * t) / torch.cosh(x * t).square()
 
 
-Estimator = Callable[..., torch.Tensor]
+def _factor(kind: str, x: torch.Tensor, hp: torch.Tensor, t: float, m: float) -> torch.Tensor:
+    """The factor of a built-in estimator ``kind`` with ``hp = [o, progress]``."""
+    if kind == "reste":
+        return reste_factor(x, hp[0], t, m)
+    if kind == "ste":
+        return ste_factor(x)
+    if kind == "approxsign":
+        return approxsign_factor(x)
+    if kind == "ede":
+        return ede_factor(x, hp[1])
+    raise ValueError(f"unknown estimator kind {kind!r}; built in: reste, ste, approxsign, ede")
+
+
+# ------------------------------------------------------------------------------------------- the ops
+
+_native = contextvars.ContextVar("reste_timm_native_kernels", default=True)
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within the block (this thread or task only), the ops use their C kernels where they apply
+    (``True``, the default) or only their torch implementation, the closed form (``False``)."""
+    token = _native.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _native.reset(token)
+
+
+def hyperparameters(o: Number = 1.0, progress: Number = 0.0, device=None) -> torch.Tensor:
+    """The ``hp = [o, progress]`` tensor the ops take (float64, so the exponent is not rounded)."""
+    if isinstance(o, torch.Tensor) or isinstance(progress, torch.Tensor):
+        return torch.stack([torch.as_tensor(o, dtype=torch.float64, device=device),
+                            torch.as_tensor(progress, dtype=torch.float64, device=device)])
+    return torch.tensor([float(o), float(progress)], dtype=torch.float64, device=device)
+
+
+def dense_alike(x: torch.Tensor, grad: torch.Tensor) -> bool:
+    """True when x and grad are dense and laid out alike (both contiguous, or both channels_last):
+    element i of one sits at the same memory offset as element i of the other, as C loops need."""
+    if x.is_contiguous() and grad.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return x.dim() == 4 and x.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)
+
+
+def native_plan(kind: str, x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, t: float, m: float
+                ) -> Optional[kernels.Plan]:
+    """The C calls for this ReSTE gradient on float32 CPU tensors laid out alike, or None."""
+    if (kind != "reste" or not _native.get() or x.dtype != torch.float32 or grad.dtype != torch.float32
+            or not dense_alike(x, grad)):
+        return None
+    return kernels.plan(float(hp[0]), t, m)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # 16-bit factors are computed in float32 (CPU half math is slow and less accurate).
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def sign_grad_torch(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str, t: float, m: float
+                    ) -> torch.Tensor:
+    """``grad * factor(x)`` from the closed form: the ops' implementation wherever C does not apply."""
+    return (grad * _factor(kind, _upcast(x), hp, t, m)).to(grad.dtype)
+
+
+@torch.library.custom_op("reste_timm::sign_grad", mutates_args=())
+def sign_grad(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str, t: float, m: float
+              ) -> torch.Tensor:
+    """``grad * factor(x)`` of the built-in estimator ``kind`` (the closed form, any device)."""
+    return sign_grad_torch(x, grad, hp, kind, t, m)
+
+
+@sign_grad.register_kernel("cpu")
+def _sign_grad_cpu(x, grad, hp, kind, t, m):
+    calls = native_plan(kind, x, grad, hp, t, m)
+    if calls is None:
+        return sign_grad_torch(x, grad, hp, kind, t, m)
+    out = torch.empty_like(grad)
+    calls.grad(x, grad, out, None)
+    return out
+
+
+@sign_grad.register_fake
+def _(x, grad, hp, kind, t, m):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op("reste_timm::sign_grad_and_sign", mutates_args=())
+def sign_grad_and_sign(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str, t: float,
+                       m: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(grad * factor(x), sign(x))``: the binary conv's backward needs both, from one pass over x."""
+    return sign_grad_torch(x, grad, hp, kind, t, m), torch.sign(x)
+
+
+@sign_grad_and_sign.register_kernel("cpu")
+def _sign_grad_and_sign_cpu(x, grad, hp, kind, t, m):
+    calls = native_plan(kind, x, grad, hp, t, m)
+    if calls is None:
+        return sign_grad_torch(x, grad, hp, kind, t, m), torch.sign(x)
+    out, sign = torch.empty_like(grad), torch.empty_like(x)
+    calls.grad(x, grad, out, sign)
+    return out, sign
+
+
+@sign_grad_and_sign.register_fake
+def _(x, grad, hp, kind, t, m):
+    return torch.empty_like(grad), torch.empty_like(x)
+
+
+@torch.library.custom_op("reste_timm::sign", mutates_args=())
+def sign(x: torch.Tensor, hp: torch.Tensor, kind: str, t: float, m: float) -> torch.Tensor:
+    """``sign(x)`` whose gradient is ``grad * factor(x)`` of the built-in estimator ``kind``."""
+    return torch.sign(x)
+
+
+@sign.register_fake
+def _(x, hp, kind, t, m):
+    return torch.empty_like(x)
+
+
+def _sign_setup(ctx, inputs, output):
+    x, hp, ctx.kind, ctx.t, ctx.m = inputs
+    ctx.save_for_backward(x, hp)
+
+
+def _sign_backward(ctx, grad):
+    x, hp = ctx.saved_tensors
+    return sign_grad(x, grad, hp, ctx.kind, ctx.t, ctx.m), None, None, None, None
+
+
+sign.register_autograd(_sign_backward, setup_context=_sign_setup)
+
+
+# -------------------------------------------------------------------------------------- the registry
+
+class Estimator:
+    """A registered sign estimator: ``est(x, o=1.0, progress=0.0)`` is ``sign(x)`` with its gradient.
+
+    Built-in estimators (``kind`` in reste, ste, approxsign, ede) run as the ``reste_timm::sign`` op;
+    :class:`~reste_timm.nn.BinaryConv2d` fuses them into its conv op. ``t`` and ``m`` are ReSTE's
+    threshold and interval (the other kinds ignore them).
+    """
+
+    def __init__(self, name: str, kind: str, t: float = RESTE_THRESHOLD, m: float = RESTE_INTERVAL):
+        if kind not in ("reste", "ste", "approxsign", "ede"):
+            raise ValueError(f"unknown estimator kind {kind!r}; built in: reste, ste, approxsign, ede")
+        if not 0.0 < m < t:
+            raise ValueError(f"ReSTE needs 0 < m < t, got m={m}, t={t}")
+        self.name, self.kind, self.t, self.m = name, kind, float(t), float(m)
+
+    def factor(self, x: torch.Tensor, o: Number = 1.0, progress: Number = 0.0) -> torch.Tensor:
+        """The closed form of this estimator's gradient factor at ``x``."""
+        return _factor(self.kind, x, hyperparameters(o, progress, x.device), self.t, self.m)
+
+    def apply(self, x: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+        """``sign(x)`` with this estimator's gradient, ``hp = [o, progress]`` as a tensor."""
+        return sign(x, hp, self.kind, self.t, self.m)
+
+    def __call__(self, x: torch.Tensor, o: Number = 1.0, progress: Number = 0.0) -> torch.Tensor:
+        return self.apply(x, hyperparameters(o, progress, x.device))
+
+    def __repr__(self) -> str:
+        return f"Estimator({self.name!r}, kind={self.kind!r}, t={self.t:g}, m={self.m:g})"
+
+
+class FunctionEstimator(Estimator):
+    """A user's estimator ``fn(x, o, progress)`` (``o``, ``progress``: 0-d tensors); autograd derives
+    its gradient from the function itself, and binary layers run it as a plain composition."""
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor]):
+        self.name, self.kind, self.fn = name, None, fn
+        self.t, self.m = RESTE_THRESHOLD, RESTE_INTERVAL
+
+    def factor(self, x, o=1.0, progress=0.0):
+        raise NotImplementedError(f"estimator {self.name!r} is a function: autograd derives its gradient")
+
+    def apply(self, x: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, hp[0], hp[1])
+
+    def __repr__(self) -> str:
+        return f"FunctionEstimator({self.name!r}, {getattr(self.fn, '__name__', self.fn)!r})"
+
+
 _ESTIMATORS: Dict[str, Estimator] = {}
 
 
-def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
-    """Registers ``fn(x, o, progress)`` under ``name`` (lower case)."""
+def register_estimator(name: str) -> Callable:
+    """Registers an estimator under ``name`` (lower case); use as a decorator or call.
 
-    def _register(fn: Estimator) -> Estimator:
-        _ESTIMATORS[name.lower()] = fn
-        return fn
+    ``register_estimator("reste_t2")(Estimator("reste_t2", "reste", t=2.0))`` adds a built-in kind with
+    other parameters; ``@register_estimator("mine")`` on ``fn(x, o, progress)`` adds a function.
+    """
+
+    def _register(obj):
+        key = name.lower()
+        _ESTIMATORS[key] = obj if isinstance(obj, Estimator) else FunctionEstimator(key, obj)
+        return obj
 
     return _register
 
 
-@register_estimator("ste")
-def _ste(x, o=1.0, progress=0.0):
-    return sign_ste(x)
-
-
-@register_estimator("reste")
-def _reste(x, o=1.0, progress=0.0):
-    return sign_reste(x, o)
-
-
-@register_estimator("approxsign")
-def _approx(x, o=1.0, progress=0.0):
-    return sign_approx(x)
-
-
-@register_estimator("ede")
-def _ede(x, o=1.0, progress=0.0):
-    return sign_ede(x, progress)
-
-
-# The built-in entries also expose their backward as (kernel, params), so that BinaryConv2d can fuse
-# sign and conv in one autograd node that keeps x instead of sign(x). Estimators registered by users
-# lack it and take the generic path.
-_ste.surrogate = lambda o, progress: (_STE_KERNEL, (1.0,))
-_reste.surrogate = lambda o, progress: _reste_surrogate(o)
-_approx.surrogate = lambda o, progress: (_APPROX_KERNEL, ())
-_ede.surrogate = lambda o, progress: _ede_surrogate(progress)
-
-
-def _surrogate(fn: Estimator, o: float, progress: float) -> Optional[Tuple[_BackwardKernel, tuple]]:
-    """``(kernel, params)`` of a registered estimator's backward, or None for a custom estimator."""
-    make = getattr(fn, "surrogate", None)
-    return None if make is None else make(o, progress)
+for _name in ("reste", "ste", "approxsign", "ede"):
+    register_estimator(_name)(Estimator(_name, _name))
 
 
 def list_estimators() -> list:
@@ -326,7 +328,64 @@ def get_estimator(name: str) -> Estimator:
     return _ESTIMATORS[key]
 
 
-def _check_finite_exponent(o: float) -> float:
-    if not math.isfinite(o) or o < 1.0:
-        raise ValueError(f"exponent o must be a finite number >= 1, got {o}")
+def check_exponent(o: float) -> float:
+    """``o`` as a float, or ValueError unless it is a finite number ``>= 1``."""
+    if not (isinstance(o, (int, float)) and math.isfinite(o) and o >= 1.0):
+        raise ValueError(f"exponent o must be a finite number >= 1, got {o!r}")
     return float(o)
+
+
+# ------------------------------------------------------------------------------ the functional forms
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator (BinaryConnect, clipped).
+
+    Forward: ``sign(x)``. Backward: ``grad * 1[|x| <= 1]`` (:func:`ste_factor`).
+    """
+    return _ESTIMATORS["ste"](x)
+
+
+def sign_reste(x: torch.Tensor, o: Number = 1.0, t: float = RESTE_THRESHOLD,
+               m: float = RESTE_INTERVAL) -> torch.Tensor:
+    """Rectified straight-through estimator (ReSTE, Wu et al., ICCV 2023).
+
+    Forward: ``sign(x)``. Backward: ``grad * f(x)`` with the derivative of the equivalent forward
+    ``F_o(x) = sign(x)|x|^(1/o)``, rectified (:func:`reste_factor`):
+
+        f(x) = m^(1/o) / m                 if |x| <= m       (secant over [0, m]; x = 0 included)
+        f(x) = (1/o) |x|^((1-o)/o)         if m < |x| <= t
+        f(x) = 0                           if |x| > t
+
+    At ``o = 1`` this is an STE clipped at ``t``. ``f`` is also the exact derivative of the continuous
+    ``G(x) = x m^(1/o)/m`` (``|x| <= m``), ``sign(x)|x|^(1/o)`` (``m < |x| <= t``), ``sign(x) t^(1/o)``
+    (beyond), so ``G(x) + (sign(x) - G(x)).detach()`` gives the same gradients, only slower.
+
+    Args:
+        x: Input tensor (any floating dtype, any device).
+        o: Exponent, ``o >= 1`` (a float or a 0-d tensor); annealed from 1 to ``o_end`` in training.
+        t: Gradient threshold (1.5 in the paper).
+        m: Small interval around 0 (0.1 in the paper), ``0 < m < t``.
+
+    Returns:
+        ``torch.sign(x)``, with the gradient above.
+    """
+    if not isinstance(o, torch.Tensor):
+        check_exponent(o)
+    return Estimator("reste", "reste", t, m)(x, o)
+
+
+def sign_approx(x: torch.Tensor) -> torch.Tensor:
+    """ApproxSign (Bi-Real Net, Liu et al., ECCV 2018).
+
+    Forward: ``sign(x)``. Backward: ``grad * max(2 - 2|x|, 0)`` (:func:`approxsign_factor`).
+    """
+    return _ESTIMATORS["approxsign"](x)
+
+
+def sign_ede(x: torch.Tensor, progress: Number = 0.0) -> torch.Tensor:
+    """Error decay estimator (EDE, IR-Net, Qin et al., CVPR 2020).
+
+    Forward: ``sign(x)``. Backward: ``grad * k t (1 - tanh^2(t x))`` with ``(k, t)`` from
+    :func:`ede_parameters` at the current training ``progress`` (:func:`ede_factor`).
+    """
+    return _ESTIMATORS["ede"](x, 1.0, progress)

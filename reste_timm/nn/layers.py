@@ -1,4 +1,4 @@
-"""Binary convolution (spec section 2) and helpers that act on every binary layer of a model."""
+"""The binary convolution layer (method: docs/method.md) and helpers acting on every binary layer."""
 
 from __future__ import annotations
 
@@ -7,119 +7,11 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from ._backward import _dense_alike
-from .estimators import _check_finite_exponent, _surrogate, get_estimator
+from .binary_conv import binary_conv2d
+from .estimators import check_exponent, get_estimator, hyperparameters
 
 __all__ = ["BinaryConv2d", "binary_layers", "set_exponent", "set_progress", "set_weight_cache"]
-
-
-def _scale_of(w: torch.Tensor) -> torch.Tensor:
-    """``mean(|w|)``, the one formula of the scale: the training nodes, :meth:`BinaryConv2d.binary_scale`
-    and the packed export (which stores it) must agree bit for bit."""
-    return w.abs().mean()
-
-
-def _scaled_sign(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(sign(w) * scale, scale)``, the forward of both training nodes."""
-    scale = _scale_of(w)
-    return torch.sign(w).mul_(scale), scale
-
-
-class _SignConv2d(torch.autograd.Function):
-    """``conv2d(sign(x), sign(w) * mean(|w|))`` with the estimators' gradients, as one autograd node.
-
-    The plain composition saves both ``x`` (for the estimator) and ``sign(x)`` (for the conv's weight
-    gradient); here ``sign(x)`` is recomputed in backward, which saves an activation-sized tensor per
-    binary layer (a 1W/1A ResNet-20 step at batch 128 peaks at 204 MB instead of 296 MB, the
-    full-precision model's 200 MB). The recomputation costs no extra pass: the backward first takes
-    the conv's input gradient (which needs no ``sign(x)``), then one fused pass over ``x`` turns it into
-    the estimator's gradient in place and yields ``sign(x)`` for the weight gradient.
-
-    The binary weight is made inside the same node (not in a :class:`_ScaledSign` node of its own):
-    a training step runs its Python glue, cold after the convs, once per layer instead of twice
-    (measured on ResNet-20: 3 ms less per step at batch 8, where little else differs).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, bias, conv_args, kernel, params):
-        stride, padding, dilation, groups = conv_args
-        bw, scale = _scaled_sign(w)
-        ctx.save_for_backward(x, w, bw, scale)
-        ctx.conv_args, ctx.kernel, ctx.params, ctx.has_bias = conv_args, kernel, params, bias is not None
-        # The C loops, looked up here: the backward calls them directly (see _direct).
-        ctx.calls = kernel.native_calls(x, params) if w.dtype == x.dtype else None
-        return F.conv2d(torch.sign(x), bw, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, w, bw, scale = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        stride, padding, dilation, groups = ctx.conv_args
-        bias_sizes = [bw.shape[0]] if ctx.has_bias else None
-
-        def conv_backward(inp, mask):
-            return torch.ops.aten.convolution_backward(grad, inp, bw, bias_sizes, stride, padding, dilation,
-                                                       False, [0, 0], groups, mask)
-
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            # The input gradient reads only x's shape: x stands in for sign(x).
-            grad_in = conv_backward(x, [True, False, False])[0]
-            if _direct(ctx.calls, x, grad_in):
-                sign_x = torch.empty_like(x)
-                ctx.calls.grad(x, grad_in, grad_in, sign_x)
-                grad_x = grad_in
-            else:
-                grad_x, sign_x = ctx.kernel.grad_and_sign(x, grad_in, ctx.params)
-        elif need_w or need_b:
-            sign_x = torch.sign(x)
-        if need_w or need_b:
-            _, grad_bw, grad_b = conv_backward(sign_x, [False, need_w, need_b])
-            if need_w and _direct(ctx.calls, w, grad_bw):
-                ctx.calls.weight_grad(w, grad_bw, scale, grad_bw)
-                grad_w = grad_bw
-            elif need_w:
-                grad_w = ctx.kernel.scaled_sign_grad(w, grad_bw, scale, ctx.params, inplace=True)
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-def _direct(calls, x: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether :class:`_SignConv2d`'s backward calls the C loop itself, skipping the kernel's dispatch.
-
-    The kernel's methods would reach the same call, but through several Python frames whose lookups
-    run cold after the convolutions: on ResNet-20 at batch 128 the step ratio to FP went from
-    0.89-0.91 to 0.91 in 60-round runs. ``grad`` comes from the conv's backward, so it is float32
-    like ``x``; its layout is checked here.
-    """
-    return calls is not None and _dense_alike(x, grad)
-
-
-class _ScaledSign(torch.autograd.Function):
-    """``sign(w) * mean(|w|)`` forward, the gradient of ``est(w) * mean(|w|)`` backward, as one node
-    (the binary weight of 1W/32A layers; 1W/1A layers make it inside :class:`_SignConv2d`).
-
-    Autograd runs about ten small ops for the composition's backward (through the estimator, the
-    product, the mean and the abs); on a binary layer's weight each costs more than its arithmetic
-    (tens of microseconds in a training step, where other layers' work has left the caches cold), so
-    the kernel's :meth:`~reste_timm._backward._BackwardKernel.scaled_sign_grad` runs them together.
-    """
-
-    @staticmethod
-    def forward(ctx, w, kernel, params):
-        bw, scale = _scaled_sign(w)
-        ctx.save_for_backward(w, scale)
-        ctx.kernel, ctx.params = kernel, params
-        return bw
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        w, scale = ctx.saved_tensors
-        return ctx.kernel.scaled_sign_grad(w, grad, scale, ctx.params), None, None
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -129,18 +21,15 @@ class BinaryConv2d(nn.Conv2d):
     as in the reference); ``ba = est(a)`` when ``binarize_input`` else ``a``; then an ordinary
     ``conv2d(ba, bw)``. Zero padding is applied after binarization, as in the reference.
 
-    In training, a 1W/1A layer runs both signs and the conv as one autograd node that keeps ``a``
-    (which the estimator needs) but not ``sign(a)`` (recomputed in backward), so it holds no more
-    activation memory than a float conv; the estimator's backward is one fused pass and
-    ``mean(|w|)`` is computed once per forward. A 1W/32A layer's ``bw`` is one node of its own
-    (its backward one call). Every op keeps the input's
-    memory format, so channels_last models stay channels_last. Estimators registered by users,
-    autocast and non-zero padding modes take the plain ``conv(est(a), bw)`` composition (users'
-    estimators also the plain ``est(w) * mean(|w|)``), with the same numbers.
+    Built-in estimators run as one registered op (:func:`reste_timm.nn.binary_conv.binary_conv2d`) that
+    keeps ``a`` but not ``sign(a)``, so a 1W/1A layer holds no more activation memory than a float conv;
+    estimators registered as functions run the plain ``conv(est(a), est(w) * mean(|w|))``. Every path
+    keeps the input's memory format and follows autocast.
 
-    The exponent ``o`` (ReSTE) and the training ``progress`` (EDE) are plain attributes, not buffers,
-    so the state dict keeps the reference's keys; the annealing hook sets them every epoch and holds
-    them in its own state for checkpoints.
+    The exponent ``o`` (ReSTE) and the training ``progress`` (EDE) live in a non-persistent float64
+    buffer ``hparams = [o, progress]``: the state dict keeps the reference's keys, the values move with
+    the layer to any device, and ``torch.compile`` sees a tensor, so annealing ``o`` never recompiles.
+    :attr:`exponent` and :attr:`progress` read and write it as numbers.
 
     Args:
         in_channels: Input channels.
@@ -148,7 +37,7 @@ class BinaryConv2d(nn.Conv2d):
         kernel_size: Kernel size.
         estimator: Registered estimator name (``"reste"``, ``"ste"``, ...).
         binarize_input: True for 1W/1A, False for 1W/32A.
-        **kwargs: The rest of ``nn.Conv2d``'s arguments (stride, padding, bias, ...).
+        **kwargs: The rest of ``nn.Conv2d``'s arguments (stride, padding, bias, padding_mode, ...).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, *,
@@ -157,24 +46,50 @@ class BinaryConv2d(nn.Conv2d):
         self.estimator = str(estimator).lower()
         self._estimate = get_estimator(self.estimator)
         self.binarize_input = bool(binarize_input)
-        self.exponent = 1.0
-        self.progress = 0.0
+        self.register_buffer("hparams", hyperparameters(1.0, 0.0), persistent=False)
         # Opt-in (see set_weight_cache): reuse bw across no-grad forwards while w is unchanged.
         self.cache_weight = False
         self._cached: Optional[Tuple[tuple, torch.Tensor]] = None
 
+    @property
+    def exponent(self) -> float:
+        """ReSTE's exponent ``o`` (a number ``>= 1``)."""
+        return float(self.hparams[0])
+
+    @exponent.setter
+    def exponent(self, o: float) -> None:
+        with torch.no_grad():
+            self.hparams[0] = check_exponent(o)
+
+    @property
+    def progress(self) -> float:
+        """The training progress in [0, 1] (EDE's schedule)."""
+        return float(self.hparams[1])
+
+    @progress.setter
+    def progress(self, value: float) -> None:
+        with torch.no_grad():
+            self.hparams[1] = min(max(float(value), 0.0), 1.0)
+
+    def _apply(self, fn, recurse=True):
+        # .half() or .to(bfloat16) must not round the exponent: hparams stays float64 (float32 where
+        # the device has no float64), whatever dtype the parameters take.
+        hparams = self._buffers.pop("hparams")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.weight.device
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._buffers["hparams"] = hparams.to(device=device, dtype=dtype)
+        return self
+
     def binary_scale(self) -> torch.Tensor:
         """The layer's scale ``mean(|w|)``, a 0-d tensor that carries its gradient ``sign(w) / N``."""
-        return _scale_of(self.weight)
+        return self.weight.abs().mean()
 
     def binary_weight(self) -> torch.Tensor:
-        """The weight the conv sees: ``est(w) * mean(|w|)``."""
-        w = self.weight
-        if w.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            surrogate = _surrogate(self._estimate, self.exponent, self.progress)
-            if surrogate is not None:  # a built-in estimator: one autograd node (see _ScaledSign)
-                return _ScaledSign.apply(w, *surrogate)
-        return self._estimate(w, self.exponent, self.progress) * self.binary_scale()
+        """The weight the conv sees: ``est(w) * mean(|w|)``, with the estimator's gradient."""
+        return self._estimate.apply(self.weight, self.hparams) * self.binary_scale()
 
     def _inference_weight(self) -> torch.Tensor:
         # The key changes whenever w is replaced or modified in place through autograd-visible ops
@@ -186,33 +101,35 @@ class BinaryConv2d(nn.Conv2d):
             self._cached = (key, self.binary_weight())
         return self._cached[1]
 
-    def _fused_path(self, x: torch.Tensor):
-        """``(kernel, params)`` when the layer can run as one :class:`_SignConv2d` node, else None."""
-        if not self.binarize_input or not torch.is_grad_enabled():
-            return None
-        if not (x.requires_grad or self.weight.requires_grad):
-            return None
-        if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4:
-            return None  # F.pad before the conv, or padding resolved by F.conv2d: the plain path
-        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
-            return None  # autocast casts inside F.conv2d; an outer compiler fuses the plain ops itself
-        return _surrogate(self._estimate, self.exponent, self.progress)
+    def _padded(self, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
+        """``x`` padded ahead of the op where the op's plain zero padding cannot express it
+        (``padding_mode``, ``padding="same"``). Zeros may come before the sign: ``sign(0) = 0``."""
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0, 0]
+        if isinstance(self.padding, str):
+            return F.pad(x, self._reversed_padding_repeated_twice), [0, 0]
+        return x, list(self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self._fused_path(x)
-        if fused is not None:
-            self._cached = None  # training resumed: do not hold a stale copy of bw
-            conv_args = (self.stride, self.padding, self.dilation, self.groups)
-            return _SignConv2d.apply(x, self.weight, self.bias, conv_args, *fused)
-        caching = getattr(self, "cache_weight", False) and not torch.is_grad_enabled()
-        if caching and not torch.compiler.is_compiling():
+        estimate = self._estimate
+        if self.cache_weight and not torch.is_grad_enabled():
             weight = self._inference_weight()
-        else:
+        elif estimate.kind is None:  # an estimator written as a function: autograd's composition
             self._cached = None
             weight = self.binary_weight()
-        if not self.binarize_input:
-            return self._conv_forward(x, weight, self.bias)
-        return self._conv_forward(self._estimate(x, self.exponent, self.progress), weight, self.bias)
+        else:
+            self._cached = None
+            if x.dim() == 3:  # an unbatched (C, H, W) input, as conv2d allows
+                return self.forward(x.unsqueeze(0)).squeeze(0)
+            x, padding = self._padded(x)
+            device = x.device.type
+            compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            return binary_conv2d(x, self.weight, self.bias, list(self.stride), padding, list(self.dilation),
+                                 self.groups, self.hparams, estimate.kind, estimate.t, estimate.m,
+                                 self.binarize_input, compute)[0]
+        if self.binarize_input:
+            x = estimate.apply(x, self.hparams)
+        return self._conv_forward(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, estimator={self.estimator}, "
@@ -226,7 +143,7 @@ def binary_layers(model: nn.Module) -> Iterator[BinaryConv2d]:
 
 def set_exponent(model: nn.Module, o: float) -> int:
     """Sets the ReSTE exponent of every binary layer; returns how many layers were set."""
-    o = _check_finite_exponent(o)
+    o = check_exponent(o)
     count = 0
     for layer in binary_layers(model):
         layer.exponent = o
@@ -236,7 +153,6 @@ def set_exponent(model: nn.Module, o: float) -> int:
 
 def set_progress(model: nn.Module, progress: float) -> int:
     """Sets the training progress in [0, 1] (EDE's schedule) of every binary layer."""
-    progress = min(max(float(progress), 0.0), 1.0)
     count = 0
     for layer in binary_layers(model):
         layer.progress = progress

@@ -1,0 +1,111 @@
+"""Building and loading the package's C kernels (``csrc/*.c`` package data) with the system compiler.
+
+The kernels are plain C (no PyTorch headers), so a build takes about a second; each library is cached
+under ``$RESTE_TIMM_CACHE`` (default ``~/.cache/reste_timm``), keyed by a hash of the source, the
+flags, the compiler and the CPU, and written atomically (several processes may build at once). The
+registered ops call them through ``ctypes`` on CPU tensors' memory.
+
+Without a C compiler, on a platform other than Linux, with ``RESTE_TIMM_NATIVE=0``, or when a build
+fails, :func:`load_library` returns None once with a warning, and the ops run their torch
+implementation instead (the same numbers up to float rounding, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+__all__ = ["BASE_FLAGS", "load_library", "native_enabled"]
+
+# No -ffast-math: NaN, comparisons and rounding keep IEEE semantics. The two -fno flags only let the
+# compiler assume no errno and no FP traps (unused here), which it needs to if-convert and vectorize;
+# -ffp-contract=fast lets it fuse multiply-adds where the CPU has FMA (ISO -std=c99 turns that off).
+BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+              "-fopenmp", "-shared", "-fPIC", "-std=c99")
+
+_lock = threading.Lock()
+_libraries: Dict[tuple, Optional[ctypes.CDLL]] = {}  # a cache of built libraries, not a switch
+
+
+def native_enabled() -> bool:
+    """False when ``RESTE_TIMM_NATIVE=0`` asks for the torch implementations only."""
+    return os.environ.get("RESTE_TIMM_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RESTE_TIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reste_timm")
+    return Path(root) / "kernels"
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags: -march=native code built on one CPU may not run on another that shares
+    the cache folder (a home directory on a cluster), so they are part of the library's name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, source: str, flags: Sequence[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "kernel.c", Path(tmp) / target.name
+        src.write_text(source)
+        proc = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise OSError(f"{compiler} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        os.replace(out, target)  # atomic: a concurrent process sees no half-written library
+
+
+def _open(name: str, source: str, flags: Sequence[str]) -> Optional[ctypes.CDLL]:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.system() != "Linux":
+        warnings.warn(f"reste_timm: no C compiler (cc/gcc, or $CC) on this {platform.system()} machine: "
+                      f"{name} runs its torch implementation (slower)", RuntimeWarning, stacklevel=4)
+        return None
+    key = hashlib.sha256("\0".join([source, *flags, compiler, platform.machine(),
+                                    _cpu_features()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{Path(name).stem}_{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, source, flags, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"reste_timm: building {name} failed, its torch implementation runs instead (slower): "
+                      f"{err}", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def load_library(name: str, extra_flags: Sequence[str] = ()) -> Optional[ctypes.CDLL]:
+    """The compiled ``csrc/<name>`` of this package, built on first use; None where unavailable.
+
+    Tried once per process and source (a failure warns once); later calls return the same object.
+
+    Args:
+        name: The C file's name in ``reste_timm/nn/csrc`` or a path to another ``.c`` file.
+        extra_flags: Compiler flags beyond :data:`BASE_FLAGS` (``-D`` choices, ``-mno-avx2``...).
+    """
+    if not native_enabled():
+        return None
+    path = Path(name) if os.sep in name else Path(__file__).parent / "csrc" / name
+    flags = (*BASE_FLAGS, *extra_flags)
+    cache_key = (str(path), flags)
+    if cache_key in _libraries:
+        return _libraries[cache_key]
+    with _lock:
+        if cache_key not in _libraries:
+            _libraries[cache_key] = _open(path.name, path.read_text(), flags)
+        return _libraries[cache_key]
