@@ -1,17 +1,70 @@
-"""Shared fixtures: small real datasets that the tests make on disk."""
+"""Shared fixtures: small real datasets the tests make on disk, and the fake Hub at the network boundary.
+
+The fake Hub (tests/fakehub.py) is a real HTTP server on 127.0.0.1 that the unmodified huggingface_hub
+client reaches through ``HF_ENDPOINT``. Every huggingface_hub version reads ``HF_ENDPOINT``,
+``HF_HOME`` and its other settings once, at import, so the server's port is bound and exported here,
+before anything imports huggingface_hub (timm, datasets and accelerate all do); the ``hub`` fixture
+then starts serving. Nothing in the suite can reach huggingface.co: a dead local proxy catches any
+request still aimed at a real host.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fakehub import FakeHub  # noqa: E402
+
+if "huggingface_hub" in sys.modules:  # too late: it already captured the real endpoint
+    raise RuntimeError("huggingface_hub was imported before conftest.py could set HF_ENDPOINT")
+
 ROOT = Path(__file__).resolve().parents[1]
+_HUB = FakeHub()  # binds 127.0.0.1:<free port> now; serves once the `hub` fixture starts it
+HF_HOME = tempfile.mkdtemp(prefix="reste-timm-tests-hf-home-")
+HUB_ENV = {
+    "HF_ENDPOINT": _HUB.endpoint,
+    "HF_HOME": HF_HOME,  # no token file, no shared cache
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_XET": "1",  # the fake has no Xet storage
+    # HF_HUB_ETAG_TIMEOUT is left unset on purpose: when set (to anything but 10) it overrides the
+    # etag_timeout= argument of hf_hub_download in every version, and it only takes whole seconds.
+    "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+    # Anything that still aims at a real host goes to a dead local proxy instead of out.
+    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+}
+os.environ.update(HUB_ENV)
+for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The fake Hub (a test double of huggingface.co's HTTP API), serving on HF_ENDPOINT."""
+    _HUB.start()
+    yield _HUB
+    _HUB.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_hub():
+    """After each test: forget calls, faults and switches (repos persist: use unique repo ids), and
+    fail the test if the fake itself crashed on a request (it answered 500 "fakehub internal error")."""
+    yield
+    errors, _HUB.errors[:] = list(_HUB.errors), []
+    _HUB.reset()
+    assert not errors, "fakehub crashed on a request:\n" + errors[0]
 
 
 def make_image_folder(root: Path, n_train=(6, 6), n_val=(4, 3), size=16, seed=0) -> Path:
@@ -35,8 +88,8 @@ def image_folder(tmp_path) -> Path:
 
 def run_script(args, timeout=300, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
     """Runs a command of the project with the test interpreter; returns the completed process."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                    OMP_NUM_THREADS="1", **(env or {}))
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+                    **(env or {}))
     cmd = [sys.executable, *args] if str(args[0]).endswith(".py") else list(args)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
-import httpx2
-import huggingface_hub
 import pytest
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import ModelCard, constants
-from huggingface_hub.utils import _http as hf_http
+from conftest import run_script
+from huggingface_hub import ModelCard, hf_hub_download
 
 import reste_timm  # noqa: F401  (registers the models)
 from reste_timm.hub import (
@@ -163,121 +162,101 @@ def test_pretrained_cfg_overlay_file(source, folder, images):
     _assert_same(model, source, images)
 
 
-# ------------------------------------------------------------------------------------------- Hub cache
+# ------------------------------------------------------------------------- the Hub (fake, on HF_ENDPOINT)
 
-class FakeHub:
-    """Test double for the HTTP layer only: answers as huggingface.co's ``resolve`` endpoint does.
-
-    huggingface_hub's real ``hf_hub_download`` runs on top of it and fills a real cache.
-    """
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-
-    def add(self, repo_id: str, folder: Path) -> None:
-        self.files[repo_id] = {p.name: p.read_bytes() for p in folder.iterdir()}
-
-    def commit(self, repo_id: str) -> str:
-        return hashlib.sha1(repo_id.encode()).hexdigest()
-
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        self.requests.append(str(request.url))
-        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", request.url.path)
-        if not match or match[1] not in self.files:
-            return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"})
-        headers = {"X-Repo-Commit": self.commit(match[1])}
-        data = self.files[match[1]].get(match[3])
-        if data is None:
-            return httpx2.Response(404, headers={**headers, "X-Error-Code": "EntryNotFound"})
-        headers.update({"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
-        return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else data)
+def _publish(hub, repo: str, folder: Path) -> str:
+    """Puts a saved folder on the fake Hub as ``repo``; returns its commit sha."""
+    return hub.add_repo(repo, {p.name: p.read_bytes() for p in folder.iterdir()})
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch, folder):
-    """A Hub cache in tmp_path filled by real downloads from :class:`FakeHub`, then HF_HUB_OFFLINE=1."""
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once at import by huggingface_hub
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)  # never send a real token
-    fake = FakeHub()
-    for repo in (REPO, REGISTERED_REPO):
-        fake.add(repo, folder)
-    # the real request hook (it enforces offline mode) with a mock transport instead of the network;
-    # hf_http is private, but huggingface_hub has no public way to swap only the transport
-    huggingface_hub.set_client_factory(lambda: httpx2.Client(
-        transport=httpx2.MockTransport(fake), event_hooks={"request": [hf_http.hf_request_event_hook]},
-        follow_redirects=True))
-    try:
-        for repo in (REPO, REGISTERED_REPO):
-            for name in ("config.json", "model.safetensors"):
-                huggingface_hub.hf_hub_download(repo, name)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        fake.requests.clear()
-        yield fake, cache
-    finally:
-        huggingface_hub.set_client_factory(hf_http.default_client_factory)
-
-
-def test_hub_cache_layout(hub):
-    fake, cache = hub
-    snapshot = cache / "models--my-org--resnet20-ste" / "snapshots" / fake.commit(REPO)
+def test_hub_download_fills_the_cache_as_huggingface_hub_lays_it_out(hub, folder, tmp_path):
+    repo = "my-org/cache-layout"
+    commit = _publish(hub, repo, folder)
+    for name in ("config.json", "model.safetensors"):
+        hf_hub_download(repo, name, cache_dir=tmp_path)
+    snapshot = tmp_path / "models--my-org--cache-layout" / "snapshots" / commit
     assert {p.name for p in snapshot.iterdir()} == {"config.json", "model.safetensors"}
-    assert (cache / "models--my-org--resnet20-ste" / "refs" / "main").read_text() == fake.commit(REPO)
+    assert (tmp_path / "models--my-org--cache-layout" / "refs" / "main").read_text() == commit
 
 
-def test_hf_hub_spec_loads_offline_from_cache(hub, source, images):
-    fake, _ = hub
+def test_hf_hub_spec_loads_then_loads_offline_from_the_cache(hub, source, folder, images):
+    _publish(hub, REPO, folder)
     for model in (timm.create_model(f"hf-hub:{REPO}", pretrained=True), load_model(f"hf-hub:{REPO}")):
         _assert_same(model, source, images)
         assert model.layer3[0].conv2.estimator == "ste"
-    assert fake.requests == []  # offline: everything came from the cache
+    hub.reset()
+    code = ("import timm, torch, reste_timm\n"
+            f"m = reste_timm.load_model('hf-hub:{REPO}')\n"
+            "print(m.layer3[0].conv2.estimator, float(m.linear.weight.detach().sum()))")
+    proc = run_script([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ste", str(float(source.linear.weight.detach().sum()))]
+    assert hub.requests() == []  # offline: everything came from the cache
 
 
-def test_registered_name_loads_its_hf_hub_id_from_cache(hub, source, images):
-    fake, _ = hub
-    model = timm.create_model(MODEL, pretrained=True)
-    _assert_same(model, source, images)  # estimator only changes gradients: outputs are equal
-    _assert_same(load_model(MODEL, num_classes=3), source, images, skip=("linear.",))
-    assert fake.requests == []
+def test_registered_name_loads_its_hf_hub_id_once_weights_are_published(hub, source, folder, images):
+    hub.add_repo(REGISTERED_REPO, {})  # the reserved repo exists, but holds no weights yet
+    try:
+        with pytest.raises(reste_timm.models.WeightsUnavailableError):
+            timm.create_model(MODEL, pretrained=True)
+        _publish(hub, REGISTERED_REPO, folder)  # weights appear: loading works unchanged
+        model = timm.create_model(MODEL, pretrained=True)
+        _assert_same(model, source, images)  # estimator only changes gradients: outputs are equal
+        _assert_same(load_model(MODEL, num_classes=3), source, images, skip=("linear.",))
+    finally:
+        hub.remove_repo(REGISTERED_REPO)
 
 
-def test_offline_without_cache_names_the_file(hub):
+@pytest.mark.parametrize("status", [404, 401])
+@pytest.mark.parametrize("load", ["create_model", "load_model"])
+def test_unpublished_pretrained_fails_within_seconds_naming_the_model(hub, status, load):
+    hub.missing_repo_status = status  # 401 is what the real Hub answers an anonymous client
+    start = time.perf_counter()
+    call = timm.create_model if load == "create_model" else load_model
+    with pytest.raises(reste_timm.models.WeightsUnavailableError) as info:
+        call("vgg_small_1w1a_reste", pretrained=True)
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    for needle in ("vgg_small_1w1a_reste", "no weights are published for it yet",
+                   "reste-timm train --config cifar10/vgg_small_1w1a_reste", "hf-hub:<your repo>",
+                   "local-dir:<folder>"):
+        assert needle in message, needle
+    assert hub.requests("HEAD") == [("HEAD", "/reste-timm/vgg_small_1w1a_reste.cifar10/resolve/main/"
+                                             "model.safetensors")]  # asked once, no retries
+
+
+def test_unpublished_pretrained_offline_says_so(hub):
+    code = ("import timm, reste_timm\n"
+            "try:\n    timm.create_model('resnet18_1w1a_reste', pretrained=True)\n"
+            "except reste_timm.models.WeightsUnavailableError as e:\n    print(e)")
+    proc = run_script([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "1"})
+    assert "resnet18_1w1a_reste.in1k: pretrained=True, but not in the local Hub cache, and HF_HUB_OFFLINE" \
+        in proc.stdout, proc.stderr[-2000:]
+    assert "reste-timm train --config imagenet/resnet18_1w1a_reste" in proc.stdout
+    assert hub.requests() == []
+
+
+def test_missing_hub_repo_or_file_names_it(hub, folder):
     with pytest.raises(CheckpointError, match=r"hf-hub:nobody/missing/model\.safetensors"):
         load_model("hf-hub:nobody/missing")
+    hub.add_repo("my-org/only-config", {"config.json": (folder / "config.json").read_bytes()})
+    with pytest.raises(CheckpointError, match=r"hf-hub:my-org/only-config/model\.safetensors"):
+        load_model("hf-hub:my-org/only-config")
 
 
-def test_push_to_hub_uploads_exactly_the_saved_files(source, folder, tmp_path, monkeypatch):
-    # Test double for HfApi's network methods only; the folder is built by the real save_pretrained.
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = dict(repo_id=repo_id, **kwargs)
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_branch(self, repo_id, **kwargs):
-        calls["create_branch"] = dict(repo_id=repo_id, **kwargs)
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
-        calls["upload_folder"] = dict(repo_id=repo_id, files=files, **kwargs)
-        return "commit-info"
-
-    for name, fn in [("create_repo", create_repo), ("create_branch", create_branch),
-                     ("upload_folder", upload_folder)]:
-        monkeypatch.setattr(huggingface_hub.HfApi, name, fn)
-    out = push_to_hub(source, REPO, metrics=METRICS, private=True, revision="v1", commit_message="msg")
-    assert out == "commit-info"
-    assert calls["create_repo"]["exist_ok"] is True and calls["create_repo"]["private"] is True
-    assert calls["create_branch"]["branch"] == "v1"
-    upload = calls["upload_folder"]
-    assert (upload["repo_id"], upload["revision"], upload["commit_message"]) == (REPO, "v1", "msg")
-    assert set(upload["files"]) == FILES
+def test_push_to_hub_uploads_exactly_the_saved_files(hub, source, folder):
+    repo = "my-org/pushed"
+    push_to_hub(source, repo, metrics=METRICS, private=True, revision="v1", commit_message="msg",
+                token="fake")
+    uploaded = hub.files(repo, "v1")
+    assert set(uploaded) == FILES | {".gitattributes"}  # the Hub's own file of a new repo
     for name in ("model.safetensors", "config.json"):
-        assert upload["files"][name] == (folder / name).read_bytes(), name
-    assert f'timm.create_model("hf-hub:{REPO}"'.encode() in upload["files"]["README.md"]
+        assert uploaded[name] == (folder / name).read_bytes(), name
+    assert f'timm.create_model("hf-hub:{repo}"'.encode() in uploaded["README.md"]
+    assert ("POST", "/api/models/my-org/pushed/branch/v1") in hub.requests("POST")
+    # the pushed repo loads back through timm like any other
+    model = timm.create_model(f"hf-hub:{repo}@v1", pretrained=True)
+    assert torch.equal(model.linear.weight, source.linear.weight)
 
 
 # ------------------------------------------------------------------------------------------- bad files

@@ -23,7 +23,6 @@ import safetensors.torch
 import timm
 import torch
 from conftest import ROOT, make_image_folder, run_script
-from huggingface_hub import constants
 
 import reste_timm.train.checkpoints as checkpoints
 from reste_timm.hub import CheckpointError, convert_official_checkpoint, load_model, save_pretrained
@@ -293,19 +292,11 @@ def test_train_init_refuses_a_pickle_only_folder(saved, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "pytorch_model.bin" in err[0] and not out.exists()
 
 
-def test_hub_repo_with_only_a_pickle_is_refused(saved, tmp_path, monkeypatch):
-    commit = "0" * 40
-    repo = tmp_path / "hub" / "models--some-org--pickled"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copy(saved / "config.json", snapshot / "config.json")
+def test_hub_repo_with_only_a_pickle_is_refused(saved, tmp_path, hub):
     state = safetensors.torch.load_file(saved / "model.safetensors")
-    torch.save(state, snapshot / "pytorch_model.bin")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    hub.add_repo("some-org/pickled", {"config.json": (saved / "config.json").read_bytes(),
+                                      "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes()})
     # timm: no model.safetensors, so it unpickles pytorch_model.bin (weights_only=True)
     model = timm.create_model("hf-hub:some-org/pickled", pretrained=True)
     assert torch.equal(model.linear.weight, state["linear.weight"])

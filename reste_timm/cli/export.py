@@ -2,10 +2,14 @@
 
     reste-timm export --checkpoint outputs/x/final --format packed --out packed/        # 1-bit folder
     reste-timm export --checkpoint packed/ --format safetensors --out float/            # float folder
+    reste-timm export --checkpoint outputs/x/final --format onnx --out model.onnx      # ONNX Runtime
+    reste-timm export --checkpoint outputs/x/final --format pt2 --out model.pt2        # torch.export
 
 Formats: ``safetensors`` (a folder timm loads, float32 weights), ``packed`` (sign bits plus one scale
-per binary conv; timm loads it too). The checkpoint is a saved folder, ``local-dir:``, ``hf-hub:`` or a
-registered name. Exit code 2 and one line naming the file for a bad checkpoint.
+per binary conv; timm loads it too), ``onnx`` (one file, opset 18, dynamic batch, binary weights as
+int8 signs) and ``pt2`` (a ``torch.export`` program, the same graph). The checkpoint is a saved
+folder, ``local-dir:``, ``hf-hub:`` or a registered name. Exit code 2 and one line naming the file
+for a bad checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch.nn as nn
 
+from ..deploy.export import export_onnx, export_pt2
 from ..files import CheckpointError
 from ..hub.packed import export_packed
 from ..hub.save import save_pretrained
@@ -32,9 +37,19 @@ def _packed(model: nn.Module, args) -> str:
     return str(export_packed(model, args.out, float_dtype=args.float_dtype))
 
 
+def _onnx(model: nn.Module, args) -> str:
+    return str(export_onnx(model, args.out, input_size=args.input_size, opset=args.opset))
+
+
+def _pt2(model: nn.Module, args) -> str:
+    return str(export_pt2(model, args.out, input_size=args.input_size))
+
+
 FORMATS: Dict[str, Callable[[nn.Module, argparse.Namespace], str]] = {
     "safetensors": _safetensors,
     "packed": _packed,
+    "onnx": _onnx,
+    "pt2": _pt2,
 }
 
 
@@ -45,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (or file for single-file formats)")
     parser.add_argument("--float-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                         help="packed: dtype of the non-binary tensors")
+    parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                        help="onnx, pt2: the traced input's size (default: the model's pretrained_cfg)")
+    parser.add_argument("--opset", type=int, default=18, help="onnx: opset version (>= 17)")
     return parser
 
 

@@ -16,7 +16,11 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import EntryNotFoundError  # the location every supported version has
+from huggingface_hub.utils import (  # .utils has them in every supported version; .errors from 0.24
+    EntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from timm.models import parse_model_name, resolve_pretrained_cfg, split_model_name_tag
 from timm.models._hub import hf_split, load_model_config_from_path
 from timm.models._pretrained import PretrainedCfg
@@ -31,6 +35,7 @@ from ..files import (
     compare_shapes,
     first_line,
 )
+from ..models import check_published
 from ..nn.packing import PackedFormatError, is_packed, unpacked_shapes
 
 __all__ = ["check_folder", "check_pretrained", "load_model"]
@@ -118,7 +123,7 @@ def _hub_file(model_id: str, filename: str, cache_dir: Optional[PathLike]) -> Pa
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
                                     library_name="timm", library_version=timm.__version__))
-    except EntryNotFoundError as e:
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise CheckpointError(f"hf-hub:{model_id}/{filename}", None, f"not found: {first_line(e)}") from e
 
 
@@ -157,6 +162,7 @@ def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Ma
         where = Path(cfg["file"])
         found = _read_shapes(where, allow_pickle)
     elif cfg.get("hf_hub_id"):
+        check_published(arch, pretrained_cfg or tag or None, overlay)  # a reserved id without weights
         where = _hub_weights(cfg["hf_hub_id"], cfg.get("hf_hub_filename"), cache_dir, allow_pickle)
         found = _read_shapes(where, allow_pickle)
     elif cfg.get("url") and not allow_pickle:  # timm reads a URL with torch.load

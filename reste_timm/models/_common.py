@@ -10,17 +10,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
+from timm.models import build_model_with_cfg
 
 from ..files import compare_shapes
 from ..nn.layers import BinaryConv2d
 from ..nn.packing import unpack_state_dict
+from ._pretrained import check_published, hub_id
 
 ConvFactory = Callable[..., nn.Module]
 
 # Normalisation of the reference code (spec section 6), the same numbers as timm's ImageNet defaults.
 RESTE_MEAN = (0.485, 0.456, 0.406)
 RESTE_STD = (0.229, 0.224, 0.225)
-HUB_ORG = "reste-timm"
+
+
+def build_checked(cls, variant: str, pretrained: bool, **kwargs):
+    """``build_model_with_cfg`` with the checkpoint filter, after :func:`check_published` when
+    ``pretrained``: a registered model without published weights fails at once, naming itself."""
+    if pretrained:
+        check_published(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=strict_pretrained_filter,
+                                **kwargs)
 
 
 def make_conv_factory(binary: bool = True, estimator: str = "reste",
@@ -113,11 +123,6 @@ def reste_cfg(variant: str, **kwargs) -> Dict[str, Any]:
     """A pretrained cfg with the fields all models here share; each family's ``_cfg`` adds its own."""
     return {"hf_hub_id": hub_id(variant), "interpolation": "bilinear", "mean": RESTE_MEAN, "std": RESTE_STD,
             "first_conv": "conv1", "license": "apache-2.0", **kwargs}
-
-
-def hub_id(variant: str) -> str:
-    """The hub repository reserved for a registered model name with its tag."""
-    return f"{HUB_ORG}/{variant}"
 
 
 def _names(value: Any) -> Tuple[str, ...]:

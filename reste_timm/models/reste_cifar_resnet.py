@@ -12,9 +12,9 @@ from typing import Any, Dict, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import BnHeadMixin, make_conv_factory, reste_cfg, strict_pretrained_filter
+from ._common import BnHeadMixin, build_checked, make_conv_factory, reste_cfg
 
 __all__ = ["CifarResNet"]
 
@@ -143,9 +143,8 @@ _ARCHS = {
 def _create_cifar_resnet(variant: str, arch: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     model_args = dict(_ARCHS[arch], **kwargs)
     out_indices = tuple(range(len(model_args["layers"]) + 1))
-    return build_model_with_cfg(CifarResNet, variant, pretrained,
-                                pretrained_filter_fn=strict_pretrained_filter,
-                                feature_cfg=dict(out_indices=out_indices), **model_args)
+    return build_checked(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=out_indices),
+                         **model_args)
 
 
 def _cfg(variant: str, pool_size=(8, 8), **kwargs) -> Dict[str, Any]:

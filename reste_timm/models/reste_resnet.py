@@ -12,9 +12,9 @@ from typing import Any, Dict, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import BnHeadMixin, make_conv_factory, reste_cfg, strict_pretrained_filter
+from ._common import BnHeadMixin, build_checked, make_conv_factory, reste_cfg
 
 __all__ = ["BinaryResNet"]
 
@@ -98,8 +98,7 @@ class BinaryResNet(BnHeadMixin, nn.Module):
 
 
 def _create_binary_resnet(variant: str, pretrained: bool = False, **kwargs) -> BinaryResNet:
-    return build_model_with_cfg(BinaryResNet, variant, pretrained,
-                                pretrained_filter_fn=strict_pretrained_filter, **kwargs)
+    return build_checked(BinaryResNet, variant, pretrained, **kwargs)
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:

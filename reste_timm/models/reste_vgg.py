@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import make_conv_factory, reste_cfg, strict_pretrained_filter
+from ._common import build_checked, make_conv_factory, reste_cfg
 
 __all__ = ["VGGSmall"]
 
@@ -116,9 +116,7 @@ class VGGSmall(nn.Module):
 
 
 def _create_vgg_small(variant: str, pretrained: bool = False, **kwargs) -> VGGSmall:
-    return build_model_with_cfg(VGGSmall, variant, pretrained,
-                                pretrained_filter_fn=strict_pretrained_filter,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+    return build_checked(VGGSmall, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
