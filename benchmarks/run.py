@@ -58,7 +58,7 @@ class _Floor(torch.autograd.Function):
 
 
 def reste_detach_form(x: torch.Tensor, o: float, t: float = 1.5, m: float = 0.1) -> torch.Tensor:
-    """ReSTE as ``G(x) + (sign(x) - G(x)).detach()`` (spec section 1), built from autograd ops."""
+    """ReSTE as ``G(x) + (sign(x) - G(x)).detach()`` (docs/method.md, section 1), built from autograd ops."""
     ax, s = x.abs(), torch.sign(x)
     # clamp_min(m) keeps pow's gradient finite at 0 (that branch is not selected there anyway).
     power = torch.where(ax <= t, s * ax.clamp_min(m).pow(1.0 / o), s * t ** (1.0 / o))

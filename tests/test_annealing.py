@@ -1,4 +1,4 @@
-"""The exponent-annealing schedule and hook (RESTE_SPEC.md, section 4)."""
+"""The exponent-annealing schedule and hook (docs/method.md, section 4)."""
 
 from __future__ import annotations
 

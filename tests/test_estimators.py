@@ -43,7 +43,7 @@ def _rounded(v: float, dtype: torch.dtype) -> float:
 
 
 def reste_closed(v: float, o: float, dtype=torch.float64) -> float:
-    """Spec section 1, one element: secant on |x| <= m, power derivative on (m, t], 0 beyond."""
+    """docs/method.md section 1, one element: secant on |x| <= m, power derivative on (m, t], 0 beyond."""
     a, m, t = abs(v), _rounded(M, dtype), _rounded(T, dtype)
     if a <= m:
         return M ** (1.0 / o) / M

@@ -1,4 +1,4 @@
-"""The paper's indicators (RESTE_SPEC.md, section 5): estimating error and gradient stability."""
+"""The paper's indicators (docs/method.md, section 5): estimating error and gradient stability."""
 
 from __future__ import annotations
 

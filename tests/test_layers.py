@@ -1,4 +1,4 @@
-"""BinaryConv2d (spec section 2): what the conv sees, where the gradient goes, and the model helpers."""
+"""BinaryConv2d (docs/method.md, section 2): what the conv sees, where the gradient goes, the helpers."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_1w32a_conv_sees_the_input_untouched(conv_calls):
 
 
 def _detach_sign(x: torch.Tensor, o: float) -> torch.Tensor:
-    # ReSTE through autograd alone: G(x) + (sign(x) - G(x)).detach() (spec section 1).
+    # ReSTE through autograd alone: G(x) + (sign(x) - G(x)).detach() (docs/method.md, section 1).
     ax, s = x.abs(), torch.sign(x)
     power = torch.where(ax <= T, s * ax.clamp_min(M).pow(1 / o), s * T ** (1 / o))
     g = torch.where(ax <= M, x * (M ** (1 / o) / M), power)

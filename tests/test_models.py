@@ -1,7 +1,7 @@
 """CPU tests of the registered models: timm API, reference state dicts, init and architecture.
 
 The architecture checks compare every model with an independent functional forward written from
-RESTE_SPEC.md section 3 that reads the weights by their reference state-dict names, so a change of
+docs/method.md section 3 that reads the weights by their reference state-dict names, so a change of
 block order, shortcut, head or binarization shows up as a different output.
 """
 
@@ -446,7 +446,7 @@ def test_unknown_estimator_raises(name):
 
 
 # --------------------------------------------------------------------------------------------------
-# Architecture equivalence with an independent functional reference (RESTE_SPEC.md section 3)
+# Architecture equivalence with an independent functional reference (docs/method.md section 3)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 A study trains one model with several estimators (STE, ApproxSign, EDE, and ReSTE at several
 ``o_end``) over several seeds, each run with ``--cal-ind``, and puts each configuration's accuracy
-beside the paper's two indicators (RESTE_SPEC.md, section 5). Everything here reads the files that
+beside the paper's two indicators (docs/method.md, section 5). Everything here reads the files that
 ``reste-timm train`` writes into a run folder (``config.yaml``, ``metrics.jsonl``, ``results.json``),
 so it can be tested on hand-made folders and rerun on finished runs without training again.
 """

@@ -19,7 +19,7 @@ from ._pretrained import check_published, hub_id
 
 ConvFactory = Callable[..., nn.Module]
 
-# Normalisation of the reference code (spec section 6), the same numbers as timm's ImageNet defaults.
+# Normalisation of the reference code (docs/method.md, section 6): timm's ImageNet defaults.
 RESTE_MEAN = (0.485, 0.456, 0.406)
 RESTE_STD = (0.229, 0.224, 0.225)
 

@@ -1,6 +1,6 @@
 """CIFAR ResNets of the ReSTE paper: ResNet-20 (plain and Bi-Real) and ResNet-18, 1W/1A, 1W/32A, FP.
 
-Architectures and state-dict keys follow the reference implementation exactly (RESTE_SPEC.md,
+Architectures and state-dict keys follow the reference implementation exactly (docs/method.md,
 section 3), so its checkpoints load strictly once a DataParallel ``module.`` prefix is stripped.
 The reference applies ``relu`` before ``bn`` everywhere and has no activation after the residual sum.
 """

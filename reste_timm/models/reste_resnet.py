@@ -1,6 +1,6 @@
 """ImageNet ResNet-18/34 of the ReSTE paper (Bi-Real style blocks), 1W/1A and 1W/32A.
 
-Stem and head follow the reference implementation (RESTE_SPEC.md, section 3): a 7x7 FP conv, relu,
+Stem and head follow the reference implementation (docs/method.md, section 3): a 7x7 FP conv, relu,
 ``bn1`` and max-pool; blocks with a shortcut around every binary conv; global average pooling (the
 reference's 7x7 pool at 224 px), ``bn2`` (BatchNorm1d) and ``fc``. The 1x1 downsample convs stay FP.
 """

@@ -1,6 +1,6 @@
 """VGG-small of the ReSTE paper (CIFAR), 1W/1A and full precision.
 
-Layout of the reference implementation (RESTE_SPEC.md, section 3): ``conv0`` FP, then binary
+Layout of the reference implementation (docs/method.md, section 3): ``conv0`` FP, then binary
 ``conv1``..``conv5``; each conv is followed by relu then its BatchNorm; 2x2 max-pool after bn1, bn3
 and bn5; flatten 512x4x4 and ``fc``.
 """

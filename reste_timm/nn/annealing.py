@@ -1,4 +1,4 @@
-"""The exponent-annealing hook of the paper (RESTE_SPEC.md, section 4)."""
+"""The exponent-annealing hook of the paper (docs/method.md, section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's two indicators (RESTE_SPEC.md, section 5) over the binary conv weights of a model.
+"""The paper's two indicators (docs/method.md, section 5) over the binary conv weights of a model.
 
 Layers are found by type (:class:`~reste_timm.layers.BinaryConv2d`), so the FP stem, downsample
 convs and classifier never count, whatever their names. Each indicator sums its per-layer terms on

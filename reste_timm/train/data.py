@@ -357,7 +357,7 @@ class SeededAugment(torch.utils.data.Dataset):
 
 def build_transforms(recipe: str, input_size: Tuple[int, int, int], mean, std,
                      crop_pct: float = 0.875) -> Tuple[Callable, Callable]:
-    """Train and eval transforms of spec section 6, from torchvision and timm helpers.
+    """Train and eval transforms of docs/method.md section 6, from torchvision and timm helpers.
 
     ``cifar``: random crop with 4-pixel padding, horizontal flip, normalise. ``digits``: the same
     without the flip (a mirrored digit is another glyph). ``imagenet``: timm's RandomResizedCrop with
