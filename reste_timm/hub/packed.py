@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ..files import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, first_line, save_files
 from ..nn.layers import BinaryConv2d, set_weight_cache
 from ..nn.packing import DTYPES, PACKED_FORMAT, PACKED_VERSION, packed_state_dict, unpack_state_dict
+from .check import check_folder
 
 __all__ = ["export_packed", "load_packed"]
 
@@ -66,6 +67,7 @@ def export_packed(model: nn.Module, folder: Union[str, Path], float_dtype: str =
 
     Raises:
         ValueError: unknown ``float_dtype``, no architecture, or a non-finite binary weight.
+        WriteError: A file could not be written (full disk...); the folder is left as it was.
     """
     if float_dtype not in DTYPES:
         raise ValueError(f"float_dtype must be one of {sorted(DTYPES)}, got {float_dtype!r}")
@@ -73,8 +75,6 @@ def export_packed(model: nn.Module, folder: Union[str, Path], float_dtype: str =
     architecture = architecture or pretrained_cfg.get("architecture")
     if not architecture:
         raise ValueError("architecture unknown: pass architecture= (the model has no pretrained_cfg)")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = packed_state_dict(model, float_dtype)
     layers = {n: {"shape": list(m.weight.shape), "zeros": int((m.weight == 0).sum())}
               for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
@@ -88,13 +88,30 @@ def export_packed(model: nn.Module, folder: Union[str, Path], float_dtype: str =
         "reste_timm_packed": {"format": PACKED_FORMAT, "version": PACKED_VERSION,
                               "float_dtype": float_dtype, "binary_layers": layers},
     }
-    # config.json last, each file atomically: an interrupted export never looks like a complete one.
-    (folder / CONFIG_NAME).unlink(missing_ok=True)
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={
-        "format": "pt", "packing": PACKED_FORMAT}))
+    # Staged, then renamed into place config.json last: a failed export leaves the folder as it was.
     config_text = json.dumps(config, indent=2)
-    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(config_text, encoding="utf-8"))
-    return folder
+    return save_files(folder, {
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt",
+                                                                      "packing": PACKED_FORMAT}),
+        CONFIG_NAME: lambda p: p.write_text(config_text, encoding="utf-8"),
+    })
+
+
+def _packed_config(file: Path) -> Dict[str, Any]:
+    """``config.json`` of a packed export, or a CheckpointError naming it."""
+    try:
+        config = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(file, None, "missing: not a saved folder (or an unfinished save)") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(file, None, f"invalid JSON: {first_line(e)}") from e
+    info = config.get("reste_timm_packed") if isinstance(config, dict) else None
+    version = info.get("version", 0) if isinstance(info, dict) else None
+    if not isinstance(info, dict) or info.get("format") != PACKED_FORMAT or not isinstance(version, int) \
+            or version > PACKED_VERSION:
+        raise CheckpointError(file, "reste_timm_packed",
+                              f"not a {PACKED_FORMAT} export this version can read")
+    return config
 
 
 def load_packed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -110,18 +127,15 @@ def load_packed(folder: Union[str, Path], device: Union[str, torch.device] = "cp
         **kwargs: ``timm.create_model`` overrides on top of the stored ``model_args``.
 
     Raises:
-        ValueError: the folder is not a packed export of a known version.
+        CheckpointError: The folder is not a packed export of a known version, or a file in it is
+            missing, corrupt or does not match its config (checked by :func:`check_folder` first).
     """
     folder = Path(folder)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    info = config.get("reste_timm_packed", {})
-    if info.get("format") != PACKED_FORMAT or info.get("version", 0) > PACKED_VERSION:
-        raise ValueError(f"{folder} is not a {PACKED_FORMAT} export this version can read")
+    config = _packed_config(folder / CONFIG_NAME)
+    check_folder(folder)
     model = timm.create_model(config["architecture"], pretrained=False,
                               **{**config.get("model_args", {}), **kwargs})
     model.load_state_dict(unpack_state_dict(load_file(str(folder / WEIGHTS_NAME)), model))
     model.pretrained_cfg = {**config.get("pretrained_cfg", {}), "architecture": config["architecture"]}
     set_weight_cache(model, cache_weights)
     return model.to(device).eval()
-
-

@@ -25,7 +25,7 @@ from huggingface_hub import HfApi
 from timm.models import resolve_pretrained_cfg, split_model_name_tag
 from timm.models._hub import save_config_for_hf
 
-from ..files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, atomic_write, fsync_dir
+from ..files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, PathLike, save_files
 from ..nn.layers import binary_layers
 from .card import render_model_card
 from .check import check_folder
@@ -99,9 +99,10 @@ def save_pretrained(model: nn.Module, folder: PathLike, metrics: Optional[Mappin
                     model_name: Optional[str] = None, **card_kwargs: Any) -> Path:
     """Saves a model as a folder that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads.
 
-    Writes ``model.safetensors``, ``README.md`` and, last, ``config.json``: the config is removed first
-    and written only once the rest is on disk, then the folder is checked with :func:`check_folder`, so
-    an interrupted or bad save never leaves a folder that passes for a good one.
+    Writes ``model.safetensors``, ``README.md`` and ``config.json`` into a staging folder inside
+    ``folder``, checks that with :func:`check_folder`, and only then renames the files into place,
+    ``config.json`` last (:func:`reste_timm.files.save_files`). A full disk, an interrupt or a bad
+    model therefore leaves a folder that was saved before exactly as it was, still loadable.
 
     Args:
         model: The model; estimator and binarize_input are read from its binary layers.
@@ -115,27 +116,22 @@ def save_pretrained(model: nn.Module, folder: PathLike, metrics: Optional[Mappin
 
     Returns:
         The folder.
+
+    Raises:
+        WriteError: A file could not be written (full disk...), named; the folder is unchanged.
+        CheckpointError: The saved files would not load back (the folder is unchanged).
     """
     with _export_cfg(model, model_name) as cfg:  # everything is prepared before the folder is touched
         config = _export_config(model, _model_args(model, cfg))
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     card = render_model_card(config, metrics=metrics, train_config=train_config, dataset=dataset,
                              **card_kwargs)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).unlink(missing_ok=True)
-    fsync_dir(folder)
-    atomic_write(folder / WEIGHTS_NAME,
-                  lambda p: safetensors.torch.save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(folder / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
     config_text = json.dumps(config, indent=2)
-    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(config_text, encoding="utf-8"))
-    try:
-        check_folder(folder)
-    except CheckpointError:
-        (folder / CONFIG_NAME).unlink(missing_ok=True)
-        raise
-    return folder
+    return save_files(folder, {
+        WEIGHTS_NAME: lambda p: safetensors.torch.save_file(tensors, str(p), metadata={"format": "pt"}),
+        CARD_NAME: lambda p: p.write_text(card, encoding="utf-8"),
+        CONFIG_NAME: lambda p: p.write_text(config_text, encoding="utf-8"),  # last: marks it complete
+    }, check=check_folder)
 
 
 # --------------------------------------------------------------------------------------------- sharing
