@@ -6,12 +6,10 @@ importing only the ones below it: :mod:`reste_timm.nn` (the method), :mod:`reste
 command line (:mod:`reste_timm.cli`) on top. docs/architecture.md draws the flow.
 """
 
-__version__ = "0.2.0"
-
-from . import models  # noqa: E402, F401  (registers the models with timm)
-from .analysis.summary import summary  # noqa: E402
-from .files import CheckpointError  # noqa: E402
-from .hub import (  # noqa: E402
+from . import models  # noqa: F401  (registers the models with timm)
+from .analysis.summary import summary
+from .files import CheckpointError
+from .hub import (
     check_folder,
     check_pretrained,
     convert_official_checkpoint,
@@ -21,7 +19,7 @@ from .hub import (  # noqa: E402
     push_to_hub,
     save_pretrained,
 )
-from .nn import (  # noqa: E402
+from .nn import (
     BinaryConv2d,
     Estimator,
     ExponentAnnealing,
@@ -41,12 +39,13 @@ from .nn import (  # noqa: E402
     sign_reste,
     sign_ste,
 )
-from .nn.packing import unpack_state_dict  # noqa: E402
+from .nn.packing import unpack_state_dict
+from .version import __version__
 
 __all__ = [
-    "CheckpointError", "check_folder", "check_pretrained", "convert_official_checkpoint", "load_model",
-    "push_to_hub", "save_pretrained", "export_packed", "load_packed", "summary", "unpack_state_dict",
-    "Estimator", "native_kernels", "set_weight_cache",
+    "__version__", "CheckpointError", "check_folder", "check_pretrained", "convert_official_checkpoint",
+    "load_model", "push_to_hub", "save_pretrained", "export_packed", "load_packed", "summary",
+    "unpack_state_dict", "Estimator", "native_kernels", "set_weight_cache",
     "BinaryConv2d", "ExponentAnnealing", "annealed_exponent", "binary_layers", "estimating_error",
     "get_estimator", "gradient_stability", "list_estimators", "register_estimator", "set_exponent",
     "set_progress", "sign_approx", "sign_ede", "sign_reste", "sign_ste",

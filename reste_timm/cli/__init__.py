@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from ..version import __version__
+
 __all__ = ["COMMANDS", "main"]
 
 # name -> (module, one-line description)
@@ -30,8 +32,6 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    from .. import __version__
-
     lines = [f"usage: reste-timm <command> [options]   (reste-timm {__version__})", "", "commands:"]
     lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "`reste-timm <command> --help` describes a command's options."]
@@ -45,8 +45,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from .. import __version__
-
         print(f"reste-timm {__version__}")
         return 0
     if argv[0] not in COMMANDS:
