@@ -2,21 +2,27 @@
 
 A checkpoint is ``accelerator.save_state`` into ``checkpoints/.tmp-<name>``, fsynced, then renamed to
 ``checkpoints/<name>`` (``epoch_00003``, ``step_00000120``): a run killed at any point leaves the
-last complete checkpoint intact and at most a ``.tmp-*`` folder, which is never loaded.
+last complete checkpoint intact and at most a ``.tmp-*`` folder, which is never loaded. A write that
+fails (a full disk) on any process is agreed on by all of them, so none waits for another that gave up;
+the ``.tmp-*`` folder is then removed and every process raises :class:`~reste_timm.files.WriteError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-from ..files import fsync_dir
+import torch
 
-__all__ = ["MetricsLog", "latest_checkpoint", "remove_partial_checkpoints", "save_checkpoint"]
+from ..files import WriteError, fsync_dir, fsync_file, write_reason
+
+__all__ = ["MetricsLog", "count_failures", "latest_checkpoint", "remove_partial_checkpoints",
+           "save_checkpoint"]
 
 _CKPT = re.compile(r"^(epoch|step)_(\d+)$")
 
@@ -24,8 +30,19 @@ _CKPT = re.compile(r"^(epoch|step)_(\d+)$")
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
+
+
+def count_failures(accelerator, error: Optional[BaseException]) -> int:
+    """How many processes failed a step, this one's ``error`` included; a barrier every process must reach.
+
+    With several processes this is one all-reduce, so a process whose write failed tells the others
+    instead of leaving them waiting for it in the next collective.
+    """
+    if accelerator.num_processes == 1:
+        return int(error is not None)
+    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    return int(accelerator.reduce(failed, reduction="sum").item())
 
 
 def _discard(folder: Path) -> None:
@@ -45,25 +62,56 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, name: str, keep: int = 2
 
     A run killed while writing leaves only a ``.tmp-*`` folder, which :func:`latest_checkpoint` ignores;
     the last complete checkpoint stays intact. Older complete checkpoints beyond ``keep`` are removed.
+
+    Raises:
+        WriteError: Writing failed on some process (a full disk): on every process, after the
+            ``.tmp-*`` folder was removed; the previous checkpoints are untouched.
     """
     final = checkpoints_dir / name
     tmp = checkpoints_dir / f".tmp-{name}"
-    if accelerator.is_main_process:
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def publish():
         _fsync_tree(tmp)
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
         fsync_dir(checkpoints_dir)
+
+    _together(accelerator, final, tmp, prepare if accelerator.is_main_process else None)
+    _together(accelerator, final, tmp, lambda: accelerator.save_state(str(tmp)))
+    _together(accelerator, final, tmp, publish if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
         for old in _complete_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
-            _discard(old)
+            with contextlib.suppress(OSError):  # an old checkpoint left over is removed at the next save
+                _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _together(accelerator, final: Path, tmp: Path, step: Optional[Callable[[], object]]) -> None:
+    """Runs one part of a checkpoint write on this process, then agrees with the others on its success.
+
+    Any exception but an interrupt counts as a failed write (safetensors and ``torch.save`` report a
+    full disk as their own error types); then every process raises, once ``tmp`` is removed.
+    """
+    error = None
+    try:
+        if step is not None:
+            step()
+    except Exception as e:  # noqa: BLE001  (re-raised below as a WriteError, chained)
+        error = e
+    failed = count_failures(accelerator, error)
+    if not failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None:
+        raise WriteError(final, f"checkpoint not written ({write_reason(error)})") from error
+    raise WriteError(final, f"checkpoint not written: the write failed on {failed} other process(es)")
 
 
 def remove_partial_checkpoints(checkpoints_dir: Path) -> list:

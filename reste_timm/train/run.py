@@ -6,6 +6,11 @@
 
 The same code runs on CPU, one GPU, many GPUs and many nodes; :func:`main` only wires the pieces of
 :mod:`reste_timm.train` together, as accelerate's examples do.
+
+Exit codes (docs/RELIABILITY.md): 0 done; 1 a failed run (non-finite loss, a write that failed);
+2 bad input (config, data, weights files, an output folder in use by another run); 3 trained and
+saved, but the ``--push-to-hub`` upload failed; 75 preempted by SIGTERM or SIGUSR1, with a checkpoint
+saved (continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -20,17 +25,23 @@ import timm
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from timm.data import resolve_data_config
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..files import CheckpointError
-from ..hub.save import push_to_hub, save_pretrained
+from ..files import CheckpointError, WriteError, atomic_write, first_line
+from ..hub.save import push_folder, save_pretrained
 from ..nn.annealing import ExponentAnnealing, annealed_exponent
 from .allocator import tune_cpu_allocator
-from .checkpoints import MetricsLog, latest_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .checkpoints import (
+    MetricsLog,
+    count_failures,
+    latest_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from .config import PROG, parse_config
 from .data import (
     DataError,
@@ -43,6 +54,7 @@ from .data import (
     load_splits,
 )
 from .device_data import DeviceImageLoader
+from .lock import FolderInUse, RunLock
 from .loop import (
     NonFiniteLossError,
     TrainState,
@@ -52,6 +64,9 @@ from .loop import (
     evaluate,
     train_one_epoch,
 )
+from .preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, ignore_preemption_signals
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PUSH_FAILED = 0, 1, 2, 3
 
 
 def make_accelerator(args) -> Accelerator:
@@ -79,7 +94,7 @@ def make_loaders(args, splits, data_cfg, accelerator):
     cols = (splits.image_column, splits.label_column, splits.num_classes)
     splits.val.set_transform(ImageTransform(val_tf, *cols, skip_bad=args.skip_bad_images))
     val = DataLoader(splits.val, batch_size=args.val_batch_size, num_workers=args.workers,
-                     collate_fn=collate_images)
+                     collate_fn=collate_images, worker_init_fn=ignore_preemption_signals)
     if args.data_on_device and recipe in ("cifar", "digits"):
         train = DeviceImageLoader(splits, args.batch_size, accelerator.device, data_cfg["mean"],
                                   data_cfg["std"], size=data_cfg["input_size"][-1], flip=recipe == "cifar",
@@ -91,12 +106,14 @@ def make_loaders(args, splits, data_cfg, accelerator):
         ds = splits.train.shuffle(seed=args.seed, buffer_size=10_000)
         ds = split_dataset_by_node(ds, accelerator.process_index, accelerator.num_processes)
         train = DataLoader(ds.map(ImageTransform(train_tf, *cols, args.skip_bad_images), batched=True),
-                           batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_images)
+                           batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_images,
+                           worker_init_fn=ignore_preemption_signals)
         return train, accelerator.prepare(val)
     splits.train.set_transform(ImageTransform(train_tf, *cols, skip_bad=args.skip_bad_images))
     sampler = EpochShuffleSampler(len(splits.train), args.seed)
     train = DataLoader(SeededAugment(splits.train, args.seed), batch_size=args.batch_size, sampler=sampler,
-                       drop_last=False, num_workers=args.workers, collate_fn=collate_images)
+                       drop_last=False, num_workers=args.workers, collate_fn=collate_images,
+                       worker_init_fn=ignore_preemption_signals)
     return accelerator.prepare(train), accelerator.prepare(val)
 
 
@@ -147,16 +164,53 @@ def log_epoch(accelerator, metrics_log, record) -> None:
     accelerator.print(json.dumps(record))
 
 
-def export_weights(args, accelerator, model, folder: Path, metrics) -> None:
+def export_weights(args, accelerator, model, folder: Path, metrics, **card) -> None:
+    """The main process saves ``folder`` (:func:`save_pretrained`); every process learns whether it worked.
+
+    Raises:
+        WriteError: The save failed (a full disk), on every process; the folder keeps its old files.
+    """
+    error = None
     if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(model), folder, metrics=metrics, train_config=vars(args),
-                        dataset=args.dataset)
-    accelerator.wait_for_everyone()
+        try:
+            save_pretrained(accelerator.unwrap_model(model), folder, metrics=metrics, train_config=vars(args),
+                            dataset=args.dataset, **card)
+        except Exception as e:  # noqa: BLE001  (re-raised below, once the other processes know)
+            error = e
+    if count_failures(accelerator, error):  # also the barrier: no process waits for a failed one
+        if error is not None:
+            raise error
+        raise WriteError(folder, "not written: the save failed on the main process")
 
 
-def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir):
+def step_hook(args, accelerator, state: TrainState, checkpoints: Path, watch: PreemptionWatch):
+    """Runs after each step: ``--checkpoint-every``'s checkpoint, then, after each optimizer step, the
+    preemption check (a collective), which saves a step checkpoint and raises :class:`Preempted`."""
+
+    def on_step():
+        name, saved = f"step_{state.global_step:08d}", None
+        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+            saved = save_checkpoint(accelerator, checkpoints, name, args.keep_checkpoints)
+        if not accelerator.sync_gradients:  # between the micro-batches of one step: nothing to save yet
+            return
+        signal_name = watch.agreed(accelerator)
+        if signal_name:
+            saved = saved or save_checkpoint(accelerator, checkpoints, name, args.keep_checkpoints)
+            raise Preempted(signal_name, state.epoch, state.step_in_epoch, saved)
+
+    return on_step
+
+
+def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir, watch):
+    """The epochs from ``state`` on: train, evaluate, export ``best/``, log, checkpoint.
+
+    Raises:
+        Preempted: A preemption signal arrived; a checkpoint was saved after the current step (or,
+            when it came during evaluation, after the epoch).
+    """
     train_loader, val_loader = loaders
     checkpoints = output_dir / "checkpoints"
+    on_step = step_hook(args, accelerator, state, checkpoints, watch)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_epoch=state.epoch if args.resume else None)
     last = state.epoch + args.stop_after_epochs if args.stop_after_epochs else args.epochs
     for epoch in range(state.epoch, min(last, args.epochs)):
@@ -165,11 +219,6 @@ def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state,
         batches = epoch_batches(train_loader, accelerator, epoch, state.step_in_epoch)
         bar = tqdm(total=len(train_loader), initial=state.step_in_epoch, desc=f"epoch {epoch}",
                    disable=not accelerator.is_local_main_process, leave=False)
-
-        def on_step():
-            if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-                name = f"step_{state.global_step:08d}"
-                save_checkpoint(accelerator, checkpoints, name, args.keep_checkpoints)
 
         # o at the epoch's start, computed: a mid-epoch resume restores the step's o (--anneal step)
         lr, o = optimizer.param_groups[0]["lr"], annealed_exponent(epoch, args.epochs, args.o_end)
@@ -196,27 +245,48 @@ def run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state,
             export_weights(args, accelerator, model, output_dir / "best", {"top1": val["val_top1"],
                                                                            "top5": val["val_top5"]})
         log_epoch(accelerator, metrics_log, record)
-        save_checkpoint(accelerator, checkpoints, f"epoch_{epoch + 1:05d}", args.keep_checkpoints)
+        saved = save_checkpoint(accelerator, checkpoints, f"epoch_{epoch + 1:05d}", args.keep_checkpoints)
+        signal_name = watch.agreed(accelerator)  # a signal met during evaluation: stop after the epoch
+        if signal_name:
+            raise Preempted(signal_name, state.epoch, 0, saved)
 
 
-def finish(args, accelerator, model, val_loader, output_dir: Path, state) -> None:
-    """Saves the final weights, reloads them through timm's ``local-dir:`` and reports their accuracy."""
+def finish(args, accelerator, model, val_loader, output_dir: Path, state) -> int:
+    """Saves the final weights, reloads them through timm's ``local-dir:``, reports and pushes them.
+
+    Returns:
+        0, or 3 when the ``--push-to-hub`` upload failed (``final/`` is saved all the same).
+    """
     final = output_dir / "final"
     val = evaluate(model, val_loader, accelerator, args.channels_last)
-    export_weights(args, accelerator, model, final, {"top1": val["val_top1"], "top5": val["val_top5"]})
+    card = {"repo_id": args.push_to_hub} if args.push_to_hub else {}  # the card's usage names the repo
+    export_weights(args, accelerator, model, final, {"top1": val["val_top1"], "top5": val["val_top5"]},
+                   **card)
     reloaded = timm.create_model(f"local-dir:{final}", pretrained=True).to(accelerator.device)
     check = evaluate(accelerator.prepare(reloaded), val_loader, accelerator)
     summary = dict(final_top1=check["val_top1"], final_top5=check["val_top5"], best_top1=state.best_top1,
                    best_epoch=state.best_epoch, weights=str(final), best_weights=str(output_dir / "best"))
     if accelerator.is_main_process:
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-        if args.push_to_hub:
-            push_to_hub(accelerator.unwrap_model(model), args.push_to_hub,
-                        metrics={"top1": check["val_top1"], "top5": check["val_top5"]},
-                        train_config=vars(args), dataset=args.dataset)
+        text = json.dumps(summary, indent=2)
+        atomic_write(output_dir / "results.json", lambda p: p.write_text(text))
     accelerator.print(f"final test top-1 {check['val_top1']:.2f}% (top-5 {check['val_top5']:.2f}%) "
                       f"of the weights reloaded from local-dir:{final}; best {state.best_top1:.2f}% at epoch "
                       f"{state.best_epoch} in {output_dir / 'best'}")
+    if args.push_to_hub and accelerator.is_main_process:
+        return push_final(accelerator, final, args.push_to_hub)
+    return EXIT_OK
+
+
+def push_final(accelerator, final: Path, repo_id: str) -> int:
+    """Uploads ``final/`` exactly as saved; on failure one line saying how to retry, and exit code 3."""
+    try:
+        info = push_folder(final, repo_id, commit_message="Add ReSTE model (reste-timm train)")
+    except Exception as e:  # noqa: BLE001  (network and Hub errors have many types; all mean "not uploaded")
+        return fail(accelerator, f"trained, but the upload of {final} to {repo_id} failed ({first_line(e)}); "
+                    f"the model stays in {final}: retry with `reste-timm push {final} {repo_id}` "
+                    f"(in Python: reste_timm.hub.push_folder({str(final)!r}, {repo_id!r}))", EXIT_PUSH_FAILED)
+    accelerator.print(f"uploaded {final} to {getattr(info, 'commit_url', None) or repo_id}")
+    return EXIT_OK
 
 
 def fail(accelerator, message: str, code: int, every_rank: bool = False) -> int:
@@ -263,31 +333,82 @@ def last_good(output_dir: Path) -> str:
         "no checkpoint had been saved yet"
 
 
-@record  # under torchrun/accelerate launch, the failing rank's exception goes into the failure summary
-def main(argv=None) -> int:
-    """Exit codes: 0 done, 1 a failed run (non-finite loss), 2 bad input (config, data, weights files)."""
-    args = parse_config(argv)
+def lock_output(accelerator, output_dir: Path, argv) -> tuple:
+    """The main process takes the output folder's lock; every process learns the outcome.
+
+    Returns:
+        The lock (None on the other processes) and None, or None and ``(exit code, message)`` when
+        the folder is in use by a live run (2) or cannot be created (1).
+    """
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(output_dir, argv)
+            lock.acquire()
+        except FolderInUse as e:
+            lock, refused = None, (EXIT_BAD_INPUT, str(e))
+        except WriteError as e:
+            lock, refused = None, (EXIT_FAILED, str(e))
+        if lock is not None and lock.took_over:
+            print(f"{PROG}: {output_dir} was locked by {lock.took_over}, which has ended: lock taken over",
+                  file=sys.stderr, flush=True)
+    if accelerator.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]  # no process starts a run the main one refused
+    return lock, refused
+
+
+def train(args, accelerator, watch: PreemptionWatch) -> int:
+    """Setup, the epochs and the final export, each failure turned into one line and its exit code."""
     output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
-    if args.cpu_malloc_tuning and accelerator.device.type == "cpu":
-        tune_cpu_allocator()
     set_seed(args.seed)
     try:
         model, optimizer, scheduler, annealing, state, loaders = setup(args, accelerator)
     except (DataError, CheckpointError) as e:
-        return fail(accelerator, str(e), 2)  # before anything is written
-    if accelerator.is_main_process:
-        write_config(args, output_dir)
-    accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in vars(args).items()})
-    resume_state(args, accelerator, output_dir / "checkpoints", state)
+        return fail(accelerator, str(e), EXIT_BAD_INPUT)  # before anything is written
     try:
-        run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir)
+        if accelerator.is_main_process:
+            write_config(args, output_dir)
+        accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in vars(args).items()})
+        resume_state(args, accelerator, output_dir / "checkpoints", state)
+        signal_name = watch.agreed(accelerator)  # met during setup: stop before the first step
+        if signal_name:
+            raise Preempted(signal_name, state.epoch, state.step_in_epoch, None)
+        run_epochs(args, accelerator, model, optimizer, scheduler, annealing, state, loaders, output_dir,
+                   watch)
+        code = finish(args, accelerator, model, loaders[1], output_dir, state) \
+            if state.epoch >= args.epochs else EXIT_OK
+    except Preempted as e:
+        if accelerator.is_main_process:
+            print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        code = EXIT_PREEMPTED
     except NonFiniteLossError as e:
-        return fail(accelerator, f"{e}; {last_good(output_dir)}", 1)
+        code = fail(accelerator, f"{e}; {last_good(output_dir)}", EXIT_FAILED)
     except DataError as e:
-        return fail(accelerator, f"{e}; {last_good(output_dir)}", 2, every_rank=True)
-    if state.epoch >= args.epochs:
-        finish(args, accelerator, model, loaders[1], output_dir, state)
+        code = fail(accelerator, f"{e}; {last_good(output_dir)}", EXIT_BAD_INPUT, every_rank=True)
+    except OSError as e:  # WriteError (a full disk), or a log file that could not be written
+        code = fail(accelerator, f"{e}; {last_good(output_dir)}", EXIT_FAILED, every_rank=True)
     accelerator.end_training()
-    return 0
+    return code
 
+
+@record  # under torchrun/accelerate launch, the failing rank's exception goes into the failure summary
+def main(argv=None) -> int:
+    """Runs ``reste-timm train``; returns the exit code (0, 1, 2, 3 or 75: see the module's docstring).
+
+    SIGTERM and SIGUSR1 are handled while it runs (:class:`PreemptionWatch`), the output folder is
+    locked (:class:`RunLock`); both are undone on every way out.
+    """
+    args = parse_config(argv)
+    with PreemptionWatch() as watch:
+        accelerator = make_accelerator(args)
+        if args.cpu_malloc_tuning and accelerator.device.type == "cpu":
+            tune_cpu_allocator()
+        command = list(sys.argv) if argv is None else [PROG, *argv]
+        lock, refused = lock_output(accelerator, Path(args.output_dir), command)
+        if refused:
+            return fail(accelerator, refused[1], refused[0])
+        try:
+            return train(args, accelerator, watch)
+        finally:
+            if lock is not None:
+                lock.release()
