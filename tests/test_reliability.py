@@ -623,11 +623,32 @@ def test_signal_on_one_of_two_processes_stops_both_after_the_same_step(tmp_path)
     out = tmp_path / "ddp-preempted"
     proc = run_script(_launch2() + [FAULTY, *ARGS, "--output-dir", str(out)], timeout=150,
                       env=dict(CUDA_VISIBLE_DEVICES="", RESTE_FAULT="signal-at:0:1:SIGTERM:1"))
-    assert proc.returncode != 0, proc.stderr[-3000:]  # each process exits 75; the launcher reports it
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*75", proc.stderr)  # each one's, reported
     ckpt = out / "checkpoints" / "step_00000002"
     assert notice_lines(proc) == [PREEMPTED.format("SIGTERM", 0, 2, ckpt)], proc.stderr[-3000:]
     assert checkpoint_names(out) == ["step_00000002"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_sigterm_to_accelerate_launch_is_passed_to_both_processes(tmp_path):
+    out, ready = tmp_path / "ddp-launcher", tmp_path / "ready"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               RESTE_FAULT=f"wait-at:0:1:{ready}")
+    launcher = subprocess.Popen(_launch2() + [FAULTY, *ARGS, "--output-dir", str(out)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(ready, launcher)
+        launcher.send_signal(signal.SIGTERM)  # only the launcher: torch elastic sends it on to its workers
+        time.sleep(1)  # (forwarded asynchronously: on a busy machine they may stop one step later)
+        Path(f"{ready}.go").touch()
+        _, err = launcher.communicate(timeout=150)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    (line,) = [line for line in err.splitlines() if line.startswith("reste-timm train: ")]
+    found = re.fullmatch(r"reste-timm train: preempted by SIGTERM at epoch \d step \d; checkpoint "
+                         r"(\S+)/(step_\d+) saved \(continue with --resume\)", line)
+    assert found and found[1] == str(out / "checkpoints") and checkpoint_names(out) == [found[2]], err[-3000:]
 
 
 def test_full_disk_on_one_of_two_processes_ends_both_without_a_hang(tmp_path):
