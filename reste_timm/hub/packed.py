@@ -8,6 +8,7 @@ conv, the rest in float16 by default); ``config.json`` follows timm's layout (``
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -103,7 +104,7 @@ def _packed_config(file: Path) -> Dict[str, Any]:
         config = json.loads(file.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(file, None, "missing: not a saved folder (or an unfinished save)") from None
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
         raise CheckpointError(file, None, f"invalid JSON: {first_line(e)}") from e
     info = config.get("reste_timm_packed") if isinstance(config, dict) else None
     version = info.get("version", 0) if isinstance(info, dict) else None
@@ -112,6 +113,40 @@ def _packed_config(file: Path) -> Dict[str, Any]:
         raise CheckpointError(file, "reste_timm_packed",
                               f"not a {PACKED_FORMAT} export this version can read")
     return config
+
+
+# The packed parts of a binary conv (reste_timm.nn.packing) and the dtypes they must have.
+_PACKED_PARTS = {
+    "weight_sign": lambda t: t.dtype == torch.uint8,
+    "weight_zero": lambda t: t.dtype == torch.uint8,
+    "weight_scale": lambda t: t.is_floating_point(),
+    "weight_shape": lambda t: not t.is_floating_point() and t.dtype != torch.bool,
+    "weight_zero_index": lambda t: not t.is_floating_point() and t.dtype != torch.bool,
+}
+
+
+def _check_dtypes(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], file: Path) -> None:
+    """Refuses a tensor stored with the wrong kind of dtype: an integer header entry over a float
+    tensor's bytes is a valid file, and ``load_state_dict`` would cast it into garbage weights."""
+    for key, tensor in state.items():
+        fits = _PACKED_PARTS.get(key.rsplit(".", 1)[-1])
+        ok = fits(tensor) if fits is not None else \
+            key not in expected or tensor.is_floating_point() == expected[key].is_floating_point()
+        if not ok:
+            wanted = expected[key].dtype if key in expected else "another dtype"
+            raise CheckpointError(file, key, f"dtype {tensor.dtype}, but the model needs {wanted}")
+
+
+@contextlib.contextmanager
+def _blaming(file: Path, what: str):
+    """Turns any error of the block but a CheckpointError into one naming ``file``: a config or
+    weights file that passed the checks can still hold values the model cannot be built from."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001  (timm, torch and the model raise many types for a bad value)
+        raise CheckpointError(file, None, f"{what}: {first_line(e)}") from e
 
 
 def load_packed(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -131,11 +166,18 @@ def load_packed(folder: Union[str, Path], device: Union[str, torch.device] = "cp
             missing, corrupt or does not match its config (checked by :func:`check_folder` first).
     """
     folder = Path(folder)
-    config = _packed_config(folder / CONFIG_NAME)
-    check_folder(folder)
-    model = timm.create_model(config["architecture"], pretrained=False,
-                              **{**config.get("model_args", {}), **kwargs})
-    model.load_state_dict(unpack_state_dict(load_file(str(folder / WEIGHTS_NAME)), model))
-    model.pretrained_cfg = {**config.get("pretrained_cfg", {}), "architecture": config["architecture"]}
+    config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    config = _packed_config(config_file)
+    with _blaming(config_file, "malformed"):
+        check_folder(folder)
+    overrides = " and the overrides" if kwargs else ""
+    with _blaming(config_file, f"cannot build the model from its model_args{overrides}"):
+        model = timm.create_model(config["architecture"], pretrained=False,
+                                  **{**config.get("model_args", {}), **kwargs})
+        model.pretrained_cfg = {**config.get("pretrained_cfg", {}), "architecture": config["architecture"]}
+    with _blaming(weights, f"does not unpack into the model{overrides}"):
+        state = load_file(str(weights))
+        _check_dtypes(state, model.state_dict(), weights)
+        model.load_state_dict(unpack_state_dict(state, model))
     set_weight_cache(model, cache_weights)
     return model.to(device).eval()
