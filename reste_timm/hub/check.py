@@ -41,8 +41,13 @@ from ..nn.packing import PackedFormatError, is_packed, unpacked_shapes
 __all__ = ["check_folder", "check_pretrained", "load_model"]
 
 
-def _read_shapes(path: Path, allow_pickle: bool = False) -> Dict[str, Tuple[int, ...]]:
-    """Tensor shapes of a weights file; safetensors is read from its header only.
+def _kind(dtype: str) -> str:
+    """``float``, ``int`` or ``bool`` of a safetensors dtype name (``F32``, ``BF16``, ``I64``, ``BOOL``)."""
+    return "bool" if dtype == "BOOL" else "float" if dtype.startswith(("F", "BF")) else "int"
+
+
+def _read_shapes(path: Path, allow_pickle: bool = False) -> Dict[str, Tuple[tuple, Optional[str]]]:
+    """``{key: (shape, dtype kind)}`` of a weights file; safetensors is read from its header only.
 
     Any other file is a pickle: refused unless ``allow_pickle``, and then read with
     ``torch.load(weights_only=True)`` (timm's reader), which refuses code-running globals.
@@ -54,19 +59,34 @@ def _read_shapes(path: Path, allow_pickle: bool = False) -> Dict[str, Tuple[int,
     try:
         if path.name.endswith(".safetensors"):
             with safetensors.safe_open(str(path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                header = {k: (tuple(f.get_slice(k).get_shape()), _kind(f.get_slice(k).get_dtype()))
+                          for k in f.keys()}
+                if not is_packed(f.metadata()):
+                    return header
                 # A packed export (export_packed) is checked as the state dict it unpacks to.
-                return unpacked_shapes(shapes, f.get_tensor) if is_packed(f.metadata()) else shapes
-        return {k: tuple(v.shape) for k, v in timm.models.load_state_dict(str(path)).items()}
+                shapes = unpacked_shapes({k: v[0] for k, v in header.items()}, f.get_tensor)
+                return {k: (shape, header[k][1] if k in header else "float") for k, shape in shapes.items()}
+        return {k: (tuple(v.shape), None) for k, v in timm.models.load_state_dict(str(path)).items()}
     except PackedFormatError as e:
         raise CheckpointError(path, e.key, str(e)) from None
     except Exception as e:  # noqa: BLE001  (any reader error means an unreadable file)
         raise CheckpointError(path, None, f"unreadable, truncated or corrupt: {first_line(e)}") from e
 
 
-def _expected_shapes(name: str, pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any],
-                     config_file: PathLike) -> Dict[str, Tuple[int, ...]]:
-    """State-dict shapes of the model that the config describes, built on the meta device (no memory)."""
+def _compare(expected: Dict[str, torch.Tensor], found: Dict[str, tuple], file: PathLike, name: str) -> None:
+    """Keys and shapes, then dtype kinds: a float tensor stored as integers would load cast, as garbage."""
+    compare_shapes({k: tuple(v.shape) for k, v in expected.items()}, {k: v[0] for k, v in found.items()},
+                   file, name)
+    for key, tensor in expected.items():
+        want = "bool" if tensor.dtype == torch.bool else "float" if tensor.is_floating_point() else "int"
+        kind = found[key][1]
+        if kind is not None and kind != want:
+            raise CheckpointError(file, key, f"{kind} tensor, but {name} expects {want} values")
+
+
+def _expected_state(name: str, pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any],
+                    config_file: PathLike) -> Dict[str, torch.Tensor]:
+    """The state dict (meta tensors: shapes and dtypes, no memory) of the model the config describes."""
     if not timm.is_model(name):
         raise CheckpointError(config_file, "architecture", f"unknown architecture {name!r}: not registered "
                               "with timm (is the plugin that defines it imported?)")
@@ -80,7 +100,23 @@ def _expected_shapes(name: str, pretrained_cfg: Mapping[str, Any], model_args: M
                                       **model_args)
     except Exception as e:  # noqa: BLE001  (a model that cannot be built from its config is a bad config)
         raise CheckpointError(config_file, "model_args", f"cannot build {name!r}: {first_line(e)}") from e
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return model.state_dict()
+
+
+def _check_config_types(config_file: Path, name: Any, pretrained_cfg: Any, model_args: Any) -> None:
+    """Refuses values of config.json that timm would pass on and crash on, naming the key."""
+    if not isinstance(name, str):
+        raise CheckpointError(config_file, "architecture", f"must be a model name, got {type(name).__name__}")
+    if not isinstance(model_args, dict) or not isinstance(pretrained_cfg, dict):
+        raise CheckpointError(config_file, "model_args", "model_args and pretrained_cfg must be mappings")
+    for key, value in model_args.items():
+        if value is None:
+            raise CheckpointError(config_file, f"model_args.{key}", "null: give a value or leave it out")
+    for key in ("first_conv", "classifier"):
+        value = pretrained_cfg.get(key)
+        names = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(v, str) for v in names):
+            raise CheckpointError(config_file, f"pretrained_cfg.{key}", "must be a module name or names")
 
 
 def check_folder(folder: PathLike) -> Dict[str, Any]:
@@ -101,20 +137,25 @@ def check_folder(folder: PathLike) -> Dict[str, Any]:
         pretrained_cfg, name, model_args = load_model_config_from_path(folder)
     except json.JSONDecodeError as e:
         raise CheckpointError(config_file, None, f"invalid JSON: {e}") from e
+    except UnicodeDecodeError:
+        raise CheckpointError(config_file, None, "not a UTF-8 text file") from None
+    except RecursionError:
+        raise CheckpointError(config_file, None, "nested too deeply to be a model config") from None
     except KeyError as e:
         raise CheckpointError(config_file, str(e.args[0]), "missing entry") from e
     except (TypeError, AttributeError) as e:
         raise CheckpointError(config_file, None, f"malformed: {first_line(e)}") from e
+    _check_config_types(config_file, name, pretrained_cfg, model_args)
     for key in ("file", "source"):  # added by timm's parser, not part of the saved config
         pretrained_cfg.pop(key, None)
-    expected = _expected_shapes(name, pretrained_cfg, model_args, config_file)
+    expected = _expected_state(name, pretrained_cfg, model_args, config_file)
     weights = folder / WEIGHTS_NAME
     pickles = sorted(p.name for p in folder.glob("*") if p.name.endswith(PICKLE_SUFFIXES))
     if not weights.is_file() and pickles:
         # timm would fall back to torch.load on these; a shared folder must not run code when loaded.
         raise CheckpointError(weights, None, f"missing; found only pickled weights ({', '.join(pickles)}), "
                               "which are not loaded (a pickle can run code): convert them to safetensors")
-    compare_shapes(expected, _read_shapes(weights), weights, name)
+    _compare(expected, _read_shapes(weights), weights, name)
     return {"architecture": name, "model_args": model_args, "pretrained_cfg": pretrained_cfg}
 
 
@@ -157,7 +198,8 @@ def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Ma
         raise CheckpointError(name, None, "unknown model: not registered with timm")
     cfg = resolve_pretrained_cfg(arch, pretrained_cfg or tag or None, overlay).to_dict()
     if cfg.get("state_dict") is not None:
-        found, where = {k: tuple(v.shape) for k, v in cfg["state_dict"].items()}, "pretrained_cfg.state_dict"
+        found = {k: (tuple(v.shape), None) for k, v in cfg["state_dict"].items()}
+        where = "pretrained_cfg.state_dict"
     elif cfg.get("file"):
         where = Path(cfg["file"])
         found = _read_shapes(where, allow_pickle)
@@ -172,7 +214,7 @@ def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Ma
     # The weights must match the model of the cfg's own classes and channels; timm adapts them after.
     build_args = {k: v for k, v in kwargs.items() if k not in (
         "num_classes", "in_chans", "features_only", "out_indices", "feature_cls", "pretrained_model_args")}
-    compare_shapes(_expected_shapes(arch, cfg, build_args, f"pretrained_cfg of {arch}"), found, where, arch)
+    _compare(_expected_state(arch, cfg, build_args, f"pretrained_cfg of {arch}"), found, where, arch)
 
 
 def check_pretrained(model_name: str, pretrained_cfg: Any = None,

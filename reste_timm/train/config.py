@@ -97,26 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error line must stay one readable line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4,300-digit conversion limit
+        return f"<an integer of {value.bit_length():,} bits>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     """Checks and converts one YAML value with the flag's own type and choices."""
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {_shown(value)}")
         return value
     if value is None:
+        if action.default is not None:  # `epochs:` left empty: no value for a flag that needs one
+            raise ConfigError(f"{where}: no value given (expected {action.type.__name__}, "
+                              f"default {action.default!r})")
         return None
     if isinstance(value, (dict, list)):
-        raise ConfigError(f"{where}: expected a single value, got {value!r}")
+        raise ConfigError(f"{where}: expected a single value, got {_shown(value)}")
     if isinstance(value, bool) or (action.type is int and not isinstance(value, int)):
         raise ConfigError(f"{where}: expected {'an integer' if action.type is int else 'a value'}, "
-                          f"got {value!r}")
+                          f"got {_shown(value)}")
     try:
         # float("1e-4") matters: YAML 1.1 reads an exponent without a dot as a string.
         value = action.type(value) if action.type is not None else value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: invalid {action.type.__name__} value {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where}: invalid {action.type.__name__} value {_shown(value)}") from None
     if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise ConfigError(f"{where}: {_shown(value)} is not one of {', '.join(map(str, action.choices))}")
     return value
 
 
@@ -152,9 +164,12 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, 
     if not file.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # PyYAML's int() refuses 4,300+ digits
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: not valid YAML ({_shown(first, 120)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -162,7 +177,7 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, 
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
-            raise ConfigError(f"{path}: unknown key '{key}'")
+            raise ConfigError(f"{path}: unknown key {_shown(str(key))}")
         values[dest] = _yaml_value(actions[dest], value, f"{path}: key '{key}'")
     return values
 
@@ -238,14 +253,14 @@ def validate_config(args: argparse.Namespace) -> None:
     src = f"{args.config}: " if args.config else ""
     for key, ok, rule in _checks(args):
         if not ok:
-            raise ConfigError(f"{src}key '{key}': {getattr(args, key)!r} {rule}")
+            raise ConfigError(f"{src}key '{key}': {_shown(getattr(args, key))} {rule}")
     if not (args.model.startswith(("hf-hub:", "local-dir:")) or timm.is_model(args.model)):
-        raise ConfigError(f"{src}key 'model': unknown model {args.model!r}")
+        raise ConfigError(f"{src}key 'model': unknown model {_shown(args.model)}")
     if args.estimator.lower() not in list_estimators():
-        raise ConfigError(f"{src}key 'estimator': unknown estimator {args.estimator!r} "
+        raise ConfigError(f"{src}key 'estimator': unknown estimator {_shown(args.estimator)} "
                           f"(known: {', '.join(list_estimators())})")
     if args.dataset not in KNOWN_SOURCES and not is_hub_dataset_id(args.dataset):
-        raise ConfigError(f"{src}key 'dataset': unknown dataset {args.dataset!r} "
+        raise ConfigError(f"{src}key 'dataset': unknown dataset {_shown(args.dataset)} "
                           f"(known: {', '.join(KNOWN_SOURCES)} or a Hub id like org/name)")
     if args.dataset in ("cifar10-py", "imagefolder", "parquet", "arrow") and not args.data_path:
-        raise ConfigError(f"{src}key 'data_path': required for dataset {args.dataset!r}")
+        raise ConfigError(f"{src}key 'data_path': required for dataset {_shown(args.dataset)}")
