@@ -1,0 +1,246 @@
+"""Bitwise inference for 1W/1A convolutions: signs packed along channels, XNOR/popcount accumulation.
+
+The kernel (``deploy/csrc/bitconv.c``, built by :mod:`reste_timm.nn.native`, called through registered
+ops) computes ``conv2d(sign(x), sign(w) * s)`` exactly: activations are packed into 64-bit words along
+channels (NHWC), weights once, and each output is an integer dot product over the in-bound taps,
+``(float)dot * s`` after it. A padded position counts 0, not ±1, as in the reference; exact zeros of
+``sign`` (an activation that is exactly 0) travel in a second bit plane, only where they occur. An
+epilogue fuses what follows a binary conv in the paper's networks: bias, relu, the eval BatchNorm
+(``fmaf(y, alpha, beta)``, folded as ATen folds it), a residual, and the sign-and-pack of the result
+for the next binary conv. Float outputs are NHWC, i.e. channels_last tensors in torch's NCHW shape.
+
+Ops: ``reste_timm::pack_signs`` and ``reste_timm::bitwise_conv2d`` (CPU, with fake implementations so
+graphs can be traced through them). :class:`BitwiseConv2d` is the layer; :mod:`reste_timm.deploy.networks`
+fuses whole blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..nn.layers import BinaryConv2d
+from ..nn.native import load_library
+
+__all__ = ["BitwiseConv2d", "bitwise_available", "bitwise_conv2d", "bn_affine", "kernel_path", "pack_signs"]
+
+_SOURCE = str(Path(__file__).parent / "csrc" / "bitconv.c")
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "bitconv_path": ([], ctypes.c_char_p),
+    "bitconv_words": ([_I64], _I64),
+    "bitconv_weight_words": ([_I64, _I64, _INT, _INT, _INT], _I64),
+    "bitconv_pack_weights": ([_P, _I64, _I64, _INT, _INT, _INT, _P], _I64),
+    "bitconv_pack_signs_nhwc": ([_P, _I64, _I64, _P, _P, _INT], _I64),
+    "bitconv_pack_signs_nchw": ([_P, _I64, _I64, _I64, _P, _P, _INT], _I64),
+    "bitconv_conv2d": ([_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _INT, _INT, _INT, _INT, _INT, _INT,
+                        _F, _P, _INT, _P, _P, _P, _P, _P, _P, _INT], _I64),
+}
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    lib = load_library(_SOURCE)
+    if lib is not None and lib.bitconv_conv2d.argtypes is None:
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
+    return lib
+
+
+def bitwise_available() -> bool:
+    """Whether the kernel could be built here (a C compiler; warns once otherwise)."""
+    return _library() is not None
+
+
+def kernel_path() -> str:
+    """The compiled code path: ``avx512``, ``avx2``, ``neon`` or ``portable``."""
+    lib = _library()
+    return "unavailable" if lib is None else lib.bitconv_path().decode()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _words(channels: int) -> int:
+    return (channels + 63) // 64
+
+
+# ------------------------------------------------------------------------------------------- the ops
+
+@torch.library.custom_op("reste_timm::pack_signs", mutates_args=())
+def pack_signs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(bits, mask, zeros)``: the signs of a float32 ``(N, C, H, W)`` tensor (contiguous or
+    channels_last) packed NHWC, ``int64 [N, H, W, ceil(C/64)]``, bit 1 = negative; the nonzero mask in
+    the same layout; the number of exact zeros (0-d; when 0 the mask is not needed)."""
+    n, c, h, w = x.shape
+    bits = torch.empty(n, h, w, _words(c), dtype=torch.int64)
+    mask = torch.empty_like(bits)
+    lib, threads = _library(), torch.get_num_threads()
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        zeros = lib.bitconv_pack_signs_nhwc(x.data_ptr(), n * h * w, c, bits.data_ptr(), mask.data_ptr(),
+                                            threads)
+    else:
+        x = x.contiguous()
+        zeros = lib.bitconv_pack_signs_nchw(x.data_ptr(), n, c, h * w, bits.data_ptr(), mask.data_ptr(),
+                                            threads)
+    return bits, mask, torch.tensor(zeros, dtype=torch.int64)
+
+
+@pack_signs.register_fake
+def _(x):
+    n, c, h, w = x.shape
+    bits = x.new_empty((n, h, w, _words(c)), dtype=torch.int64)
+    return bits, torch.empty_like(bits), x.new_empty((), dtype=torch.int64)
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@torch.library.custom_op("reste_timm::bitwise_conv2d", mutates_args=())
+def bitwise_conv2d(bits: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor, shape: List[int],
+                   stride: List[int], padding: List[int], scale: float, bias: Optional[torch.Tensor],
+                   relu: bool, alpha: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], out_float: bool, out_bits: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The binary conv of packed input bits, with its epilogue; ``(y, bits, mask, zeros)``.
+
+    Args:
+        bits, mask: Packed input (``mask`` None when the input has no exact zero).
+        weight: Packed weight words (``bitconv_pack_weights``); ``shape`` its ``[Cout, Cin, KH, KW]``.
+        stride, padding: Of the conv (dilation 1, groups 1; zero padding).
+        scale: ``mean(|w|)``; then optional ``bias``, ``relu``, ``alpha``/``beta`` (eval BatchNorm) and
+            ``residual`` (float, channels_last ``(N, Cout, OH, OW)``), in that order.
+        out_float, out_bits: Which outputs to write; the others are returned empty.
+
+    Returns:
+        ``y`` float32 channels_last ``(N, Cout, OH, OW)``, the output's packed ``bits`` and ``mask``
+        ``int64 [N, OH, OW, ceil(Cout/64)]``, and ``zeros`` (0-d: exact zeros in the output).
+    """
+    cout, cin, kh, kw = shape
+    n, h, w = bits.shape[:3]
+    oh, ow = _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])
+    y = torch.empty(n, oh, ow, cout) if out_float else torch.empty(0)
+    ob = torch.empty(n, oh, ow, _words(cout) if out_bits else 0, dtype=torch.int64)
+    om = torch.empty_like(ob)
+    res = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
+    code = _library().bitconv_conv2d(
+        bits.data_ptr(), _ptr(mask), n, h, w, cin, weight.data_ptr(), cout, kh, kw, stride[0], stride[1],
+        padding[0], padding[1], scale, _ptr(bias), int(relu), _ptr(alpha), _ptr(beta), _ptr(res), _ptr(y),
+        _ptr(ob), _ptr(om), torch.get_num_threads())
+    if code < 0:
+        raise RuntimeError(f"bitconv_conv2d failed: code {code}, weight {shape}, bits {tuple(bits.shape)}")
+    y = y.permute(0, 3, 1, 2) if out_float else torch.empty(0)
+    return y, ob, om, torch.tensor(code if out_bits else 0, dtype=torch.int64)
+
+
+@bitwise_conv2d.register_fake
+def _(bits, mask, weight, shape, stride, padding, scale, bias, relu, alpha, beta, residual, out_float,
+      out_bits):
+    cout, _, kh, kw = shape
+    n, h, w = bits.shape[:3]
+    oh, ow = _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])
+    y = (bits.new_empty((n, oh, ow, cout), dtype=torch.float32).permute(0, 3, 1, 2) if out_float
+         else bits.new_empty((0,), dtype=torch.float32))
+    ob = bits.new_empty((n, oh, ow, _words(cout)) if out_bits else (0,))
+    return y, ob, torch.empty_like(ob), bits.new_empty(())
+
+
+# ------------------------------------------------------------------------------------------ the layer
+
+def bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha, beta)`` of an eval BatchNorm2d such that ``fmaf(y, alpha, beta)`` is torch's CPU result:
+    ``alpha = rsqrt(var + eps) * weight`` in float32 (ATen's vectorized kernel rounds as ``torch.rsqrt``),
+    ``beta = bias - mean * alpha`` rounded once (ATen contracts it to a fused multiply-add)."""
+    var, mean = bn.running_var.detach().float(), bn.running_mean.detach().float()
+    weight = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(var)
+    alpha = torch.rsqrt(var + torch.tensor(bn.eps, dtype=torch.float32)) * weight
+    beta = (bias.double() - mean.double() * alpha.double()).float()  # the product is exact in float64
+    return alpha.contiguous(), beta.contiguous()
+
+
+class BitwiseConv2d(nn.Module):
+    """A 1W/1A :class:`BinaryConv2d` for inference on packed bits (its weight packed once).
+
+    Called on a float tensor, it packs the signs itself and returns the float output (channels_last).
+    :meth:`packed` runs it on packed input with a fused epilogue; the deployed networks chain those.
+
+    A weight that is exactly 0 (``sign(0) = 0`` is not a bit) is packed as +1 and its contribution
+    subtracted afterwards from the integer sums, exactly; such a layer runs its epilogue in torch.
+
+    Raises:
+        ValueError: The layer is not 1W/1A, has dilation or groups, or more than one weight in 1,000
+            is exactly 0: such layers keep their float path.
+    """
+
+    def __init__(self, layer: BinaryConv2d):
+        super().__init__()
+        w = layer.weight.detach().float().cpu().contiguous()
+        if not layer.binarize_input or layer.groups != 1 or tuple(layer.dilation) != (1, 1) \
+                or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("bitwise convs take 1W/1A layers with zero padding, no dilation and no groups")
+        lib = _library()
+        cout, cin, kh, kw = w.shape
+        packed = torch.empty(lib.bitconv_weight_words(cout, cin, kh, kw, 0), dtype=torch.int64)
+        zeros = lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, 0, packed.data_ptr())
+        if zeros * 1000 > w.numel():
+            raise ValueError(f"{zeros} weights are exactly 0: too many to correct for")
+        self.register_buffer("weight_bits", packed)
+        # (oc, ic, kh, kw) of each exact zero, packed as +1 and subtracted after the conv
+        self.register_buffer("zero_taps", (w == 0).nonzero() if zeros else None)
+        self.shape = [cout, cin, kh, kw]
+        self.stride, self.padding = list(layer.stride), list(layer.padding)
+        self.scale = float(layer.binary_scale().detach())
+        self.bias = None if layer.bias is None else layer.bias.detach().float().clone()
+
+    def packed(self, bits: torch.Tensor, mask: Optional[torch.Tensor], relu: bool = False,
+               bn: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               residual: Optional[torch.Tensor] = None, out_float: bool = True, out_bits: bool = False):
+        """``(y, bits, mask or None)`` from packed input, with ``relu``, ``bn = (alpha, beta)`` and a
+        ``residual`` fused after the conv."""
+        if self.zero_taps is not None:
+            return self._packed_with_zero_weights(bits, mask, relu, bn, residual, out_bits)
+        alpha, beta = bn if bn is not None else (None, None)
+        y, ob, om, zeros = bitwise_conv2d(bits, mask, self.weight_bits, self.shape, self.stride, self.padding,
+                                          self.scale, self.bias, relu, alpha, beta, residual, out_float,
+                                          out_bits)
+        return y, ob, (om if out_bits and int(zeros) else None)
+
+    def _packed_with_zero_weights(self, bits, mask, relu, bn, residual, out_bits):
+        """The integer sums with each zero weight's +1 taken back out, then the epilogue in torch."""
+        dots = bitwise_conv2d(bits, mask, self.weight_bits, self.shape, self.stride, self.padding, 1.0, None,
+                              False, None, None, None, True, False)[0].clone()
+        oh, ow = dots.shape[2:]
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        planes = {}
+        for oc, ic, i, j in self.zero_taps.tolist():
+            if ic not in planes:
+                word, bit = bits[..., ic // 64], ic % 64
+                plane = 1.0 - 2.0 * ((word >> bit) & 1).float()  # sign(x) of channel ic, as packed
+                if mask is not None:
+                    plane = plane * ((mask[..., ic // 64] >> bit) & 1).float()
+                planes[ic] = torch.nn.functional.pad(plane, (pw, pw, ph, ph))
+            dots[:, oc] -= planes[ic][:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+        y = dots * self.scale  # the integer sums are exact in float: one rounding, as in the kernel
+        y = y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        y = torch.relu(y) if relu else y
+        y = y if bn is None else torch.addcmul(bn[1].view(1, -1, 1, 1), y, bn[0].view(1, -1, 1, 1))
+        y = (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
+        if not out_bits:
+            return y, None, None
+        out_bits_, out_mask, zeros = pack_signs(y)
+        return y, out_bits_, (out_mask if int(zeros) else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits, mask, zeros = pack_signs(x.float())
+        return self.packed(bits, mask if int(zeros) else None)[0]
+
+    def extra_repr(self) -> str:
+        cout, cin, kh, kw = self.shape
+        return (f"{cin}, {cout}, kernel_size=({kh}, {kw}), stride={tuple(self.stride)}, "
+                f"padding={tuple(self.padding)}")
