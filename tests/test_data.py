@@ -31,13 +31,26 @@ def batch_of(splits, n=4, split="train", skip_bad=False):
 
 
 def test_digits_split_is_stratified_and_real():
+    from sklearn.datasets import load_digits
+
     x_tr, y_tr, x_te, y_te = digits_arrays()
     assert x_tr.shape == (1437, 32, 32, 3) and x_te.shape == (360, 32, 32, 3) and x_tr.dtype == np.uint8
-    assert np.array_equal(np.bincount(y_te), np.bincount(y_te))  # all ten classes present
-    assert set(np.bincount(y_te)) <= {35, 36, 37} and len(np.unique(y_tr)) == 10
+    digits = load_digits()
+    per_class = np.bincount(digits.target)
+    assert np.array_equal(np.bincount(y_tr, minlength=10) + np.bincount(y_te, minlength=10), per_class)
+    # stratified 80/20: every class holds its 20% share of the test split, to within one image
+    assert np.abs(np.bincount(y_te, minlength=10) - 0.2 * per_class).max() <= 1
     assert x_tr.max() == 255 and x_tr.min() == 0
+    # real: at 8 px (no resampling) each image is a scikit-learn digit with its label, and all are there
+    real = {np.round(img / 16 * 255).astype(np.uint8).tobytes(): [] for img in digits.images}
+    for img, label in zip(digits.images, digits.target, strict=True):
+        real[np.round(img / 16 * 255).astype(np.uint8).tobytes()].append(int(label))
+    small = digits_arrays(8)
+    for x, y in ((small[0], small[1]), (small[2], small[3])):
+        assert all(int(label) in real[img[:, :, 0].tobytes()] for img, label in zip(x, y, strict=True))
+    assert {img[:, :, 0].tobytes() for img in np.concatenate([small[0], small[2]])} == set(real)
     again = digits_arrays()
-    assert np.array_equal(again[0], x_tr)  # fixed split
+    assert np.array_equal(again[0], x_tr) and np.array_equal(again[3], y_te)  # fixed split
 
 
 def test_digits_source():
@@ -168,9 +181,18 @@ def test_device_loader_is_deterministic_and_sharded():
     assert len(rest) == 11 and torch.equal(rest[0]["pixel_values"], list(a)[4]["pixel_values"])
     a.set_epoch(1)
     assert not torch.equal(next(iter(a))["label"], first[0])
+    # Which images a loader yields: with the labels replaced by the images' indices, each batch's
+    # "label" names the images it holds.
+    a.labels = torch.arange(len(a.labels))
+    assert sorted(torch.cat([x["label"] for x in a]).tolist()) == list(range(1437))  # each image once
     ranks = [DeviceImageLoader(splits, **kw, rank=r, world_size=2) for r in (0, 1)]
-    seen = [torch.cat([x["label"] for x in r]) for r in ranks]
-    assert len(seen[0]) == len(seen[1]) == 718
+    for r in ranks:
+        r.labels = torch.arange(len(r.labels))
+    yielded = [torch.cat([x["label"] for x in r]).tolist() for r in ranks]
+    seen = [set(indices) for indices in yielded]
+    assert len(yielded[0]) == len(seen[0]) == len(yielded[1]) == len(seen[1]) == 718  # 1437 // 2, none twice
+    assert not seen[0] & seen[1]  # disjoint shards...
+    assert len(seen[0] | seen[1]) == 1436 and seen[0] | seen[1] <= set(range(1437))  # ...covering all but one
 
 
 def test_device_loader_matches_cpu_recipe_statistics():
