@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from conftest import ROOT, run_script
 
-from reste_timm.train.config import parse_config
+from reste_timm.train.config import PROG, packaged_configs, parse_config
 
 
 def write(tmp_path, data, name="cfg.yaml"):
@@ -31,38 +33,45 @@ def test_on_off_flag_from_yaml_and_command_line(tmp_path):
     assert parse_config(["--config", cfg, "--cpu-malloc-tuning"]).cpu_malloc_tuning is True
 
 
-def test_every_shipped_config_parses():
+def test_every_shipped_config_parses_to_its_own_values():
+    # The paper's numbers in them: tests/test_train_flags.py::test_packaged_configs_hold_the_papers_values.
     configs = sorted((ROOT / "configs").rglob("*.yaml"))
-    assert len(configs) >= 15
+    assert {p.resolve() for p in configs} == {p.resolve() for p in packaged_configs().values()}
     for path in configs:
         args = parse_config(["--config", str(path), "--data-path", "/data"])
-        assert args.epochs > 0 and args.o_end >= 1
+        values = yaml.safe_load(path.read_text())
+        assert values, path
+        for key, value in values.items():
+            assert getattr(args, key.replace("-", "_")) == value, f"{path.name}: {key}"
+        assert args.config == str(path) and args.output_dir == str(Path("outputs") / path.stem)
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({"epochs": 3, "bogus_key": 1}, "unknown key 'bogus_key'"),
-    ({"epochs": "ten"}, "key 'epochs'"),
-    ({"epochs": 2.5}, "key 'epochs'"),
-    ({"epochs": -1}, "key 'epochs'"),
-    ({"batch_size": 0}, "key 'batch_size'"),
-    ({"o_end": 0.5}, "key 'o_end'"),
-    ({"model": "no_such_model"}, "unknown model 'no_such_model'"),
-    ({"estimator": "magic"}, "unknown estimator 'magic'"),
-    ({"dataset": "nonsense"}, "unknown dataset 'nonsense'"),
-    ({"cal_ind": "yes"}, "key 'cal_ind'"),
-    ({"cpu_malloc_tuning": 1}, "key 'cpu_malloc_tuning'"),
-    ({"anneal": "hourly"}, "key 'anneal'"),
-    ("epochs: [1, 2", "not valid YAML"),
+@pytest.mark.parametrize("data, where, value", [
+    ({"epochs": 3, "bogus_key": 1}, "unknown key 'bogus_key'", None),
+    ({"epochs": "ten"}, "key 'epochs'", "'ten'"),
+    ({"epochs": 2.5}, "key 'epochs'", "2.5"),
+    ({"epochs": -1}, "key 'epochs'", "-1"),
+    ({"batch_size": 0}, "key 'batch_size'", "0"),
+    ({"o_end": 0.5}, "key 'o_end'", "0.5"),
+    ({"model": "no_such_model"}, "key 'model'", "'no_such_model'"),
+    ({"estimator": "magic"}, "key 'estimator'", "'magic'"),
+    ({"dataset": "nonsense"}, "key 'dataset'", "'nonsense'"),
+    ({"cal_ind": "yes"}, "key 'cal_ind'", "'yes'"),
+    ({"cpu_malloc_tuning": 1}, "key 'cpu_malloc_tuning'", "1"),
+    ({"anneal": "hourly"}, "key 'anneal'", "'hourly'"),
+    ("epochs: [1, 2", "not valid YAML", None),
 ])
-def test_bad_config_exits_2_with_one_line(tmp_path, capsys, data, needle):
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys, data, where, value):
     cfg = write(tmp_path, data)
     with pytest.raises(SystemExit) as exc:
         parse_config(["--config", cfg])
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and len(err.splitlines()) == 1
-    if "YAML" not in needle:
-        assert cfg in err or "unknown" in err  # names the file
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    prefix = f"{PROG}: error: {cfg}: {where}"  # the file, then the key
+    assert err.startswith(prefix), err
+    if value is not None:
+        assert value in err[len(prefix):], err  # ...and the value
 
 
 def test_bad_command_line_value_exits_2(capsys):
@@ -73,11 +82,15 @@ def test_bad_command_line_value_exits_2(capsys):
 
 
 def test_missing_config_file(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        parse_config(["--config", str(tmp_path / "missing.yaml")])
-    assert "missing.yaml: config file not found" in capsys.readouterr().err
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--config", str(missing)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"{PROG}: error: {missing}: config file not found")
 
 
+@pytest.mark.slow
 def test_train_script_rejects_bad_config_and_writes_nothing(tmp_path):
     cfg = write(tmp_path, {"epochs": 2, "o_end": 0.5})
     out = tmp_path / "out"
