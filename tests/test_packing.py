@@ -113,9 +113,16 @@ def test_timm_local_dir_loads_a_packed_folder(tmp_path):
         assert torch.equal(rebuilt(x), model(x))
 
 
-def test_unpack_leaves_ordinary_state_dicts_alone():
-    state = nn.Linear(3, 2).state_dict()
-    assert unpack_state_dict(state).keys() == state.keys()
+@pytest.mark.parametrize("make", [lambda: nn.Linear(3, 2), lambda: _model(zeros_in=(), few_zeros_in=())],
+                         ids=["linear", "resnet20_1w1a"])
+def test_unpack_leaves_ordinary_state_dicts_alone(make):
+    state = make().state_dict()  # the binary model's latent float weights are ordinary tensors too
+    copy = {k: v.clone() for k, v in state.items()}
+    unpacked = unpack_state_dict(state)
+    assert list(unpacked) == list(state)
+    for key, value in unpacked.items():
+        assert value.dtype == copy[key].dtype and torch.equal(value, copy[key]), key
+    assert all(torch.equal(state[k], copy[k]) for k in copy)  # the input is not changed either
 
 
 def test_export_errors(tmp_path):
