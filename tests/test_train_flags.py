@@ -70,6 +70,7 @@ class Observed:
         self.val_inputs = []  # the model's input, per evaluation batch of the trained model
         self.modules = set()  # class names of the modules that ran a training forward
         self.optimizers = []  # the optimizer, once per step
+        self.first_params = None  # the model's parameters at its first training batch (before any step)
 
     def forward(self, module, inputs, output):
         if module.training:
@@ -80,6 +81,8 @@ class Observed:
                                 x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
         if hasattr(module, "pretrained_cfg"):  # a timm model's top level: one call per batch
             (self.train_inputs if module.training else self.val_inputs).append(inputs[0].detach().clone())
+            if module.training and self.first_params is None:
+                self.first_params = {k: v.detach().clone() for k, v in module.named_parameters()}
 
     def step(self, optimizer, args, kwargs):
         self.optimizers.append(optimizer)
@@ -227,6 +230,26 @@ def test_init_local_dir_fine_tunes_and_keeps_every_non_head_parameter(tmp_path):
         assert torch.equal(after[key], before[key].detach()), key
     bn = "bn1.running_mean"  # the forward passes did run on these weights: BN statistics moved
     assert not torch.equal(after[bn], source.state_dict()[bn])
+
+
+@pytest.mark.slow
+def test_shipped_finetune_config_runs_as_shipped(tmp_path, monkeypatch):
+    # It starts from local-dir:outputs/resnet20_1w1a_reste/final, relative to the working directory,
+    # where `make train` saves its model: here a saved folder of another run stands in for it.
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(11)
+    trained = timm.create_model(MODEL, num_classes=10)
+    save_pretrained(trained, Path("outputs/resnet20_1w1a_reste/final"))
+    out = tmp_path / "finetuned"
+    code, seen = train(out, "--config", "finetune/resnet20_1w1a_cifar10_to_digits", "--epochs", 1,
+                       "--max-train-steps", 2, "--report-to", "none", "--no-cpu-malloc-tuning", base=[])
+    assert code == 0
+    for key, value in trained.named_parameters():  # the run began from the saved weights
+        assert torch.equal(seen.first_params[key], value.detach()), key
+    assert len(seen.optimizers) == 2
+    record = read_metrics(out)[0]
+    assert record["lr"] == 0.01 and record["val_count"] == 360  # the config's own settings
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 # -------------------------------------------------------------------------------------------- data
