@@ -45,6 +45,7 @@ def _probe(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # two interpreters
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_tuned_allocator_keeps_freed_buffers_mapped():
     tuned, default = _probe("tuned"), _probe("default")

@@ -115,6 +115,7 @@ def test_script_main_exit_code_2_on_mismatch(official, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "conv0.weight" in err
 
 
+@pytest.mark.slow
 def test_script_runs(official, tmp_path):
     out = tmp_path / "script_out"
     command = [sys.executable, str(SCRIPT), str(official[1]), "--model", MODEL, "--out", str(out),

@@ -146,6 +146,7 @@ def test_other_flags_pass_through_to_train():
     assert args.seeds == [4] and passthrough == ["--lr", "0.05", "--workers", "1"]
 
 
+@pytest.mark.slow
 def test_real_study_end_to_end(tmp_path, capsys, monkeypatch):
     study = load_script("study")
     out = tmp_path / "runs"

@@ -15,6 +15,8 @@ import torch
 from conftest import ROOT, make_image_folder, run_script
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here launches training or validation processes
+
 TRAIN = str(ROOT / "scripts" / "train.py")
 VALIDATE = str(ROOT / "scripts" / "validate.py")
 TINY = ["--dataset", "digits", "--model", "resnet20_1w1a_reste", "--batch-size", "32", "--val-batch-size",
