@@ -8,6 +8,7 @@ command line (:mod:`reste_timm.cli`) on top. docs/architecture.md draws the flow
 
 from . import models  # noqa: F401  (registers the models with timm)
 from .analysis.summary import summary
+from .deployment import deploy, export_onnx, export_pt2, load_packed
 from .files import CheckpointError
 from .hub import (
     check_folder,
@@ -15,7 +16,7 @@ from .hub import (
     convert_official_checkpoint,
     export_packed,
     load_model,
-    load_packed,
+    push_folder,
     push_to_hub,
     save_pretrained,
 )
@@ -44,7 +45,8 @@ from .version import __version__
 
 __all__ = [
     "__version__", "CheckpointError", "check_folder", "check_pretrained", "convert_official_checkpoint",
-    "load_model", "push_to_hub", "save_pretrained", "export_packed", "load_packed", "summary",
+    "load_model", "push_folder", "push_to_hub", "save_pretrained", "export_packed", "load_packed", "summary",
+    "deploy", "export_onnx", "export_pt2",
     "unpack_state_dict", "Estimator", "native_kernels", "set_weight_cache",
     "BinaryConv2d", "ExponentAnnealing", "annealed_exponent", "binary_layers", "estimating_error",
     "get_estimator", "gradient_stability", "list_estimators", "register_estimator", "set_exponent",

@@ -13,7 +13,7 @@ from conftest import run_script
 from test_hub import _trained_like
 
 import reste_timm
-from reste_timm.deploy import SignWeightConv2d, export_form, export_onnx, export_pt2
+from reste_timm.deployment import SignWeightConv2d, export_form, export_onnx, export_pt2
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reste_timm"
 # Lower ranks may be imported by higher ones; a subpackage may import itself.
-RANKS = {"files": 0, "version": 0, "nn": 1, "models": 2, "hub": 3, "train": 4, "analysis": 4, "deploy": 4,
+RANKS = {"files": 0, "version": 0, "nn": 1, "models": 2, "hub": 3, "train": 4, "analysis": 4, "deployment": 4,
          "cli": 5, "__init__": 6, "__main__": 6}
 
 

@@ -4,10 +4,13 @@
     reste-timm export --checkpoint packed/ --format safetensors --out float/            # float folder
     reste-timm export --checkpoint outputs/x/final --format onnx --out model.onnx      # ONNX Runtime
     reste-timm export --checkpoint outputs/x/final --format pt2 --out model.pt2        # torch.export
+    reste-timm export --checkpoint outputs/x/final --format deploy --out deployed/     # bitwise inference
 
 Formats: ``safetensors`` (a folder timm loads, float32 weights), ``packed`` (sign bits plus one scale
 per binary conv; timm loads it too), ``onnx`` (one file, opset 18, dynamic batch, binary weights as
-int8 signs) and ``pt2`` (a ``torch.export`` program, the same graph). The checkpoint is a saved
+int8 signs), ``pt2`` (a ``torch.export`` program, the same graph) and ``deploy`` (a packed folder with
+float32 non-binary tensors, checked to run on this machine's bitwise kernel:
+``reste_timm.load_packed(FOLDER, deploy=True)`` loads it for inference). The checkpoint is a saved
 folder, ``local-dir:``, ``hf-hub:`` or a registered name. Exit code 2 and one line naming the file
 for a bad checkpoint.
 """
@@ -18,9 +21,12 @@ import argparse
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
-from ..deploy.export import export_onnx, export_pt2
+from ..deployment.bitwise import bitwise_available
+from ..deployment.export import export_onnx, export_pt2
+from ..deployment.networks import load_packed
 from ..files import CheckpointError
 from ..hub.packed import export_packed
 from ..hub.save import save_pretrained
@@ -45,11 +51,24 @@ def _pt2(model: nn.Module, args) -> str:
     return str(export_pt2(model, args.out, input_size=args.input_size))
 
 
+def _deploy(model: nn.Module, args) -> str:
+    folder = export_packed(model, args.out, float_dtype="float32")
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 32, 32)
+    deployed = load_packed(folder, deploy=True)
+    with torch.no_grad():  # the folder deploys here, and predicts as the model it came from
+        x = torch.randn(1, *size)
+        same = bool((deployed(x).argmax(1) == model.float()(x).argmax(1)).all())
+    kind = "bitwise" if bitwise_available() else "float: no C compiler for the bitwise kernel"
+    return (f"{folder} ({kind} inference, same top-1 as the source: {same}); load it with "
+            f"reste_timm.load_packed({str(folder)!r}, deploy=True)")
+
+
 FORMATS: Dict[str, Callable[[nn.Module, argparse.Namespace], str]] = {
     "safetensors": _safetensors,
     "packed": _packed,
     "onnx": _onnx,
     "pt2": _pt2,
+    "deploy": _deploy,
 }
 
 

@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import (  # .utils has them in every supported version; .errors from 0.24
+from huggingface_hub.utils import (  # .utils has them in every supported version; .errors from 0.25
     EntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,

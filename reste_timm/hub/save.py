@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -87,7 +86,8 @@ def _model_args(model: nn.Module, cfg: Mapping[str, Any]) -> Dict[str, Any]:
 def _export_config(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
     """config.json content, written by timm's own exporter."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_config_for_hf(model, os.path.join(tmp, CONFIG_NAME), model_args=model_args)
+        # a Path: timm 1.0.16 to 1.0.30 call config_path.open() on it
+        save_config_for_hf(model, Path(tmp, CONFIG_NAME), model_args=model_args)
         config = json.loads(Path(tmp, CONFIG_NAME).read_text(encoding="utf-8"))
     if "in_chans" in model_args:  # keep the data config consistent with the stem timm cannot see
         config["pretrained_cfg"]["input_size"][0] = model_args["in_chans"]

@@ -126,7 +126,10 @@ def epoch_batches(loader, accelerator, epoch: int, skip: int):
     if skip and isinstance(loader, DeviceImageLoader):
         loader.skip = skip
     elif skip:
-        return accelerator.skip_first_batches(loader, skip)
+        skipped = accelerator.skip_first_batches(loader, skip)
+        if hasattr(skipped, "set_epoch"):
+            skipped.set_epoch(epoch)  # accelerate before 1.15 starts the skipping loader at epoch 0
+        return skipped
     return loader
 
 

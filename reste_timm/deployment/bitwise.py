@@ -10,7 +10,7 @@ epilogue fuses what follows a binary conv in the paper's networks: bias, relu, t
 for the next binary conv. Float outputs are NHWC, i.e. channels_last tensors in torch's NCHW shape.
 
 Ops: ``reste_timm::pack_signs`` and ``reste_timm::bitwise_conv2d`` (CPU, with fake implementations so
-graphs can be traced through them). :class:`BitwiseConv2d` is the layer; :mod:`reste_timm.deploy.networks`
+graphs can be traced through them). :class:`BitwiseConv2d` is the layer; :mod:`reste_timm.deployment.networks`
 fuses whole blocks.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,8 @@ import torch.nn as nn
 from ..nn.layers import BinaryConv2d
 from ..nn.native import load_library
 
-__all__ = ["BitwiseConv2d", "bitwise_available", "bitwise_conv2d", "bn_affine", "kernel_path", "pack_signs"]
+__all__ = ["BitwiseConv2d", "Kernel", "bitwise_available", "bitwise_conv2d", "bn_affine", "kernel",
+           "kernel_path", "pack_signs"]
 
 _SOURCE = str(Path(__file__).parent / "csrc" / "bitconv.c")
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -42,31 +43,94 @@ _SIGNATURES = {
 }
 
 
-def _library() -> Optional[ctypes.CDLL]:
-    lib = load_library(_SOURCE)
-    if lib is not None and lib.bitconv_conv2d.argtypes is None:
-        for name, (argtypes, restype) in _SIGNATURES.items():
-            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
-    return lib
-
-
-def bitwise_available() -> bool:
-    """Whether the kernel could be built here (a C compiler; warns once otherwise)."""
-    return _library() is not None
-
-
-def kernel_path() -> str:
-    """The compiled code path: ``avx512``, ``avx2``, ``neon`` or ``portable``."""
-    lib = _library()
-    return "unavailable" if lib is None else lib.bitconv_path().decode()
-
-
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
 def _words(channels: int) -> int:
     return (channels + 63) // 64
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class Kernel:
+    """One build of ``csrc/bitconv.c`` with tensor-level calls (the ops use the default build; tests
+    build the other code paths with ``-DBITCONV_NO_AVX512`` or ``-DBITCONV_PORTABLE``)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
+        self.lib = lib
+        self.path = lib.bitconv_path().decode()
+
+    def pack_weights(self, w: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """``(packed int64 words, exact zeros)`` of a float ``[Cout, Cin, KH, KW]`` weight's signs
+        (a zero is packed as +1: the caller corrects for it or keeps the layer in float)."""
+        w = w.detach().float().cpu().contiguous()
+        cout, cin, kh, kw = w.shape
+        packed = torch.empty(self.lib.bitconv_weight_words(cout, cin, kh, kw, 0), dtype=torch.int64)
+        zeros = self.lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, 0, packed.data_ptr())
+        return packed, int(zeros)
+
+    def pack_signs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """``(bits, mask, zeros)`` of a float32 ``(N, C, H, W)`` tensor, contiguous or channels_last."""
+        n, c, h, w = x.shape
+        bits = torch.empty(n, h, w, _words(c), dtype=torch.int64)
+        mask = torch.empty_like(bits)
+        threads = torch.get_num_threads()
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            zeros = self.lib.bitconv_pack_signs_nhwc(x.data_ptr(), n * h * w, c, bits.data_ptr(),
+                                                     mask.data_ptr(), threads)
+        else:
+            x = x.contiguous()
+            zeros = self.lib.bitconv_pack_signs_nchw(x.data_ptr(), n, c, h * w, bits.data_ptr(),
+                                                     mask.data_ptr(), threads)
+        return bits, mask, int(zeros)
+
+    def conv2d(self, bits, mask, weight, shape, stride, padding, scale, bias=None, relu=False, alpha=None,
+               beta=None, residual=None, out_float=True, out_bits=False):
+        """See :func:`bitwise_conv2d`; ``zeros`` as an int."""
+        cout, cin, kh, kw = shape
+        n, h, w = bits.shape[:3]
+        oh, ow = _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])
+        y = torch.empty(n, oh, ow, cout if out_float else 0)
+        ob = torch.empty(n, oh, ow, _words(cout) if out_bits else 0, dtype=torch.int64)
+        om = torch.empty_like(ob)
+        res = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
+        code = self.lib.bitconv_conv2d(
+            bits.data_ptr(), _ptr(mask), n, h, w, cin, weight.data_ptr(), cout, kh, kw, stride[0], stride[1],
+            padding[0], padding[1], scale, _ptr(bias), int(relu), _ptr(alpha), _ptr(beta), _ptr(res), _ptr(y),
+            _ptr(ob), _ptr(om), torch.get_num_threads())
+        if code < 0:
+            raise RuntimeError(f"bitconv_conv2d: code {code}, weight {shape}, bits {tuple(bits.shape)}")
+        return y.permute(0, 3, 1, 2), ob, om, int(code) if out_bits else 0
+
+
+_kernels: Dict[tuple, Kernel] = {}  # one per build, as native.load_library caches the libraries
+
+
+def kernel(extra_flags: Sequence[str] = ()) -> Optional[Kernel]:
+    """The kernel built with these extra compiler flags; None without a C compiler (warned once)."""
+    key = tuple(extra_flags)
+    if key not in _kernels:
+        lib = load_library(_SOURCE, extra_flags)
+        if lib is None:
+            return None
+        _kernels[key] = Kernel(lib)
+    return _kernels[key]
+
+
+def bitwise_available() -> bool:
+    """Whether the kernel could be built here (a C compiler; warns once otherwise)."""
+    return kernel() is not None
+
+
+def kernel_path() -> str:
+    """The compiled code path: ``avx512``, ``avx2``, ``neon`` or ``portable``."""
+    found = kernel()
+    return "unavailable" if found is None else found.path
 
 
 # ------------------------------------------------------------------------------------------- the ops
@@ -76,17 +140,7 @@ def pack_signs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """``(bits, mask, zeros)``: the signs of a float32 ``(N, C, H, W)`` tensor (contiguous or
     channels_last) packed NHWC, ``int64 [N, H, W, ceil(C/64)]``, bit 1 = negative; the nonzero mask in
     the same layout; the number of exact zeros (0-d; when 0 the mask is not needed)."""
-    n, c, h, w = x.shape
-    bits = torch.empty(n, h, w, _words(c), dtype=torch.int64)
-    mask = torch.empty_like(bits)
-    lib, threads = _library(), torch.get_num_threads()
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        zeros = lib.bitconv_pack_signs_nhwc(x.data_ptr(), n * h * w, c, bits.data_ptr(), mask.data_ptr(),
-                                            threads)
-    else:
-        x = x.contiguous()
-        zeros = lib.bitconv_pack_signs_nchw(x.data_ptr(), n, c, h * w, bits.data_ptr(), mask.data_ptr(),
-                                            threads)
+    bits, mask, zeros = kernel().pack_signs(x)
     return bits, mask, torch.tensor(zeros, dtype=torch.int64)
 
 
@@ -95,10 +149,6 @@ def _(x):
     n, c, h, w = x.shape
     bits = x.new_empty((n, h, w, _words(c)), dtype=torch.int64)
     return bits, torch.empty_like(bits), x.new_empty((), dtype=torch.int64)
-
-
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 @torch.library.custom_op("reste_timm::bitwise_conv2d", mutates_args=())
@@ -111,7 +161,7 @@ def bitwise_conv2d(bits: torch.Tensor, mask: Optional[torch.Tensor], weight: tor
 
     Args:
         bits, mask: Packed input (``mask`` None when the input has no exact zero).
-        weight: Packed weight words (``bitconv_pack_weights``); ``shape`` its ``[Cout, Cin, KH, KW]``.
+        weight: Packed weight words (:meth:`Kernel.pack_weights`); ``shape`` its ``[Cout, Cin, KH, KW]``.
         stride, padding: Of the conv (dilation 1, groups 1; zero padding).
         scale: ``mean(|w|)``; then optional ``bias``, ``relu``, ``alpha``/``beta`` (eval BatchNorm) and
             ``residual`` (float, channels_last ``(N, Cout, OH, OW)``), in that order.
@@ -121,21 +171,9 @@ def bitwise_conv2d(bits: torch.Tensor, mask: Optional[torch.Tensor], weight: tor
         ``y`` float32 channels_last ``(N, Cout, OH, OW)``, the output's packed ``bits`` and ``mask``
         ``int64 [N, OH, OW, ceil(Cout/64)]``, and ``zeros`` (0-d: exact zeros in the output).
     """
-    cout, cin, kh, kw = shape
-    n, h, w = bits.shape[:3]
-    oh, ow = _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])
-    y = torch.empty(n, oh, ow, cout) if out_float else torch.empty(0)
-    ob = torch.empty(n, oh, ow, _words(cout) if out_bits else 0, dtype=torch.int64)
-    om = torch.empty_like(ob)
-    res = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
-    code = _library().bitconv_conv2d(
-        bits.data_ptr(), _ptr(mask), n, h, w, cin, weight.data_ptr(), cout, kh, kw, stride[0], stride[1],
-        padding[0], padding[1], scale, _ptr(bias), int(relu), _ptr(alpha), _ptr(beta), _ptr(res), _ptr(y),
-        _ptr(ob), _ptr(om), torch.get_num_threads())
-    if code < 0:
-        raise RuntimeError(f"bitconv_conv2d failed: code {code}, weight {shape}, bits {tuple(bits.shape)}")
-    y = y.permute(0, 3, 1, 2) if out_float else torch.empty(0)
-    return y, ob, om, torch.tensor(code if out_bits else 0, dtype=torch.int64)
+    y, ob, om, zeros = kernel().conv2d(bits, mask, weight, shape, stride, padding, scale, bias, relu, alpha,
+                                       beta, residual, out_float, out_bits)
+    return y, ob, om, torch.tensor(zeros, dtype=torch.int64)
 
 
 @bitwise_conv2d.register_fake
@@ -144,9 +182,8 @@ def _(bits, mask, weight, shape, stride, padding, scale, bias, relu, alpha, beta
     cout, _, kh, kw = shape
     n, h, w = bits.shape[:3]
     oh, ow = _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])
-    y = (bits.new_empty((n, oh, ow, cout), dtype=torch.float32).permute(0, 3, 1, 2) if out_float
-         else bits.new_empty((0,), dtype=torch.float32))
-    ob = bits.new_empty((n, oh, ow, _words(cout)) if out_bits else (0,))
+    y = bits.new_empty((n, oh, ow, cout if out_float else 0), dtype=torch.float32).permute(0, 3, 1, 2)
+    ob = bits.new_empty((n, oh, ow, _words(cout) if out_bits else 0))
     return y, ob, torch.empty_like(ob), bits.new_empty(())
 
 
@@ -184,10 +221,8 @@ class BitwiseConv2d(nn.Module):
         if not layer.binarize_input or layer.groups != 1 or tuple(layer.dilation) != (1, 1) \
                 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError("bitwise convs take 1W/1A layers with zero padding, no dilation and no groups")
-        lib = _library()
         cout, cin, kh, kw = w.shape
-        packed = torch.empty(lib.bitconv_weight_words(cout, cin, kh, kw, 0), dtype=torch.int64)
-        zeros = lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, 0, packed.data_ptr())
+        packed, zeros = kernel().pack_weights(w)
         if zeros * 1000 > w.numel():
             raise ValueError(f"{zeros} weights are exactly 0: too many to correct for")
         self.register_buffer("weight_bits", packed)

@@ -9,7 +9,7 @@ before, in channels_last. The result equals the source model's up to float round
 lies within that rounding of 0.
 
 Models of other architectures still deploy: each 1W/1A ``BinaryConv2d`` becomes a
-:class:`~reste_timm.deploy.bitwise.BitwiseConv2d` without fusion. Layers the kernel cannot take (a weight
+:class:`~reste_timm.deployment.bitwise.BitwiseConv2d` without fusion. Layers the kernel cannot take (a weight
 that is exactly 0, dilation, groups) and, without a C compiler, every layer, keep their float path.
 """
 
@@ -22,11 +22,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..files import PathLike
+from ..hub.packed import load_packed as load_packed_float
 from ..models import BinaryResNet, CifarResNet, VGGSmall
 from ..nn.layers import BinaryConv2d
 from .bitwise import BitwiseConv2d, bitwise_available, bn_affine, pack_signs
 
-__all__ = ["deploy"]
+__all__ = ["deploy", "load_packed"]
 
 
 def _bitwise(layer: nn.Module) -> Optional[BitwiseConv2d]:
@@ -178,3 +180,19 @@ def deploy(model: nn.Module) -> nn.Module:
         return _DeployedVGGSmall(model).eval()
     _swap_layers(model)
     return model
+
+
+_deploy = deploy  # load_packed's argument of the same name shadows it
+
+
+def load_packed(folder: PathLike, deploy: bool = False, **kwargs) -> nn.Module:
+    """A packed folder (:func:`reste_timm.hub.export_packed`) as a model; with ``deploy=True`` the model
+    :func:`deploy` makes of it, its binary convs on packed signs.
+
+    Args:
+        folder: The packed folder.
+        deploy: Return the bitwise inference model instead of the float-simulated one.
+        **kwargs: As :func:`reste_timm.hub.load_packed` (``device``, ``cache_weights``, timm overrides).
+    """
+    model = load_packed_float(folder, **kwargs)
+    return _deploy(model) if deploy else model
