@@ -7,9 +7,11 @@
     against its full-precision twin at the same batch.
 (c) Packed export: file sizes against float32 safetensors, and inference latency of the rebuilt
     model (``load_packed``) against the float one.
+(d) Bitwise inference (``benchmarks/deploy.py``): each ResNet-18 3x3 layer and whole models on
+    packed signs against the float-simulated model.
 
 Usage: ``python benchmarks/run.py [--device cpu|cuda] [--threads 2] [--json out.json] [--quick]
-[--malloc tuned|default] [--part estimator|training|packed ...] [--model resnet20 ...]``.
+[--malloc tuned|default] [--part estimator|training|packed|deploy ...] [--model resnet20 ...]``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import timm  # noqa: E402
 from baseline_masked import masked_sign_reste  # noqa: E402
+from deploy import bench_deploy, print_deploy  # noqa: E402
 from timing import interleaved, peak_step_memory, stats  # noqa: E402
 
 import reste_timm  # noqa: E402, F401  (registers the models)
@@ -39,7 +42,7 @@ from reste_timm.hub import export_packed, load_packed  # noqa: E402
 from reste_timm.nn.estimators import hyperparameters, native_kernels, sign  # noqa: E402
 from reste_timm.train.allocator import tune_cpu_allocator  # noqa: E402
 
-_PARTS = ("estimator", "training", "packed")
+_PARTS = ("estimator", "training", "packed", "deploy")
 O_BENCH = 3.0  # the paper's o_end: a general exponent (no sqrt shortcut in pow)
 
 
@@ -268,7 +271,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                         help="CPU: tune glibc's allocator as train.py does (reste_timm.allocator), or not")
     parser.add_argument("--part", action="append", choices=_PARTS,
-                        help="run only this part (repeatable); default: all three")
+                        help="run only this part (repeatable); default: all four")
     parser.add_argument("--model", action="append",
                         help="training part: only the binary models whose name contains this (repeatable)")
     args = parser.parse_args(argv)
@@ -294,6 +297,9 @@ def main(argv=None) -> dict:
     if "packed" in parts:
         results["packed"] = bench_packed(device, args.quick)
         _print_packed(results["packed"])
+    if "deploy" in parts and device.type == "cpu":
+        results["deploy"] = bench_deploy(args.quick, args.threads)
+        print_deploy(results["deploy"])
     env["loadavg_end"] = os.getloadavg()
     print(f"\nload average (1, 5, 15 min): start {env['loadavg_start']}, end {env['loadavg_end']}")
     if args.json:
