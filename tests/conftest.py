@@ -27,6 +27,7 @@ if "huggingface_hub" in sys.modules:  # too late: it already captured the real e
     raise RuntimeError("huggingface_hub was imported before conftest.py could set HF_ENDPOINT")
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["train_helpers"]  # the fault tests' fixtures (uninterrupted, saved)
 _HUB = FakeHub()  # binds 127.0.0.1:<free port> now; serves once the `hub` fixture starts it
 HF_HOME = tempfile.mkdtemp(prefix="reste-timm-tests-hf-home-")
 HUB_ENV = {

@@ -124,17 +124,16 @@ def test_bf16_autocast_runs_the_binary_conv_op_in_bf16(tmp_path):
 
 
 @pytest.mark.slow
-def test_fp16_runs_and_on_cpu_accelerate_leaves_autocast_off(tmp_path):
-    # accelerate 1.x accepts --mixed-precision fp16 on CPU without a word and keeps native AMP off
-    # there (its Accelerator enables fp16 autocast only on accelerators): the run is float32. This pins
-    # that, so that a change (accelerate enabling CPU fp16, or reste-timm refusing the flag) is seen.
+def test_fp16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
+    # accelerate accepts --mixed-precision fp16 on CPU without a word and keeps autocast off there, so the
+    # run would be float32: the command refuses it and names bf16.
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU fp16 autocast runs: test_cuda_* cover it")
     code, seen = train(tmp_path / "fp16", "--mixed-precision", "fp16")
-    assert code == 0
-    assert AcceleratorState().mixed_precision == "fp16"
-    expected = torch.float16 if torch.cuda.is_available() else torch.float32
-    assert {dtype for dtype, _, _ in seen.binary} == {expected}
-    assert {grad_fn for _, grad_fn, _ in seen.binary} == {OP_BACKWARD}
-    assert math.isfinite(read_metrics(tmp_path / "fp16")[0]["train_loss"])
+    assert code == 2 and not seen.binary
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("reste-timm train: error:")]
+    assert "key 'mixed_precision'" in line and "bf16" in line
+    assert not (tmp_path / "fp16").exists()
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -312,10 +311,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "torch's SyncBatchNorm synchronizes GPU tensors only, and DDP refuses it on CPU ('SyncBatchNorm layers "
-    "only work with GPU modules'): --sync-bn with 2 gloo processes ends in a traceback (exit 1)"))
-def test_sync_bn_synchronizes_statistics_across_two_cpu_processes(tmp_path):
+def test_sync_bn_with_two_cpu_processes_is_refused_in_one_line(tmp_path):
+    """torch's SyncBatchNorm synchronizes CUDA tensors only (DDP refuses it on CPU): the run says so at
+    once instead of ending in a traceback; the one-process conversion is tested above."""
     data = make_image_folder(tmp_path / "imgs", n_train=(9, 9), n_val=(4, 3))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -324,20 +322,14 @@ def test_sync_bn_synchronizes_statistics_across_two_cpu_processes(tmp_path):
             "--batch-size", "4", "--val-batch-size", "2", "--epochs", "1", "--report-to", "none", "--sync-bn",
             "--output-dir", str(tmp_path / "out")]
     proc = run_script(launch + args, env={"CUDA_VISIBLE_DEVICES": "", "OBSERVE_DIR": str(tmp_path / "seen")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "seen" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for seen in ranks:
-        assert seen["world_size"] == 2 and seen["modules"].get("SyncBatchNorm", 0) > 0
-        assert not {"BatchNorm1d", "BatchNorm2d"} & set(seen["modules"])
-    assert ranks[0]["train_input_sums"] != ranks[1]["train_input_sums"]  # each process its own shard
-    for a, b in zip(ranks[0]["bn_running_means"], ranks[1]["bn_running_means"], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # ...and the same BN statistics
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("reste-timm train: error:")]
+    assert len(lines) == 1 and "key 'sync_bn'" in lines[0] and "CUDA tensors only" in lines[0]
+    # no traceback from the run itself (the launcher still prints its summary of the exit codes)
+    assert "reste_timm/train" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "--compile: export_weights passes the torch.compile wrapper (accelerate's unwrap_model keeps it) to "
-    "save_pretrained, which finds no pretrained_cfg: ValueError at the first best/ export"))
 def test_compile_with_step_annealing_keeps_one_train_and_one_eval_graph(tmp_path):
     from torch._dynamo.utils import counters
 

@@ -42,7 +42,7 @@ from .checkpoints import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from .config import PROG, parse_config
+from .config import PROG, ConfigError, parse_config
 from .data import (
     DataError,
     EpochShuffleSampler,
@@ -75,6 +75,28 @@ def make_accelerator(args) -> Accelerator:
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(cpu=cpu, gradient_accumulation_steps=args.grad_accum,
                        mixed_precision=args.mixed_precision, log_with=tracker, project_dir=args.output_dir)
+
+
+def check_device_flags(args, accelerator) -> None:
+    """Refuses flags this device cannot honour, rather than running without them.
+
+    Raises:
+        ConfigError: ``--sync-bn`` with several CPU processes (torch's SyncBatchNorm syncs CUDA tensors
+            only), or ``--mixed-precision fp16`` on CPU (accelerate would run it in float32).
+    """
+    cpu = accelerator.device.type == "cpu"
+    if args.sync_bn and cpu and accelerator.num_processes > 1:
+        raise ConfigError("key 'sync_bn': torch's SyncBatchNorm synchronizes CUDA tensors only; several CPU "
+                          "processes cannot use it (drop --sync-bn)")
+    if args.mixed_precision == "fp16" and cpu:
+        raise ConfigError("key 'mixed_precision': fp16 autocast runs on GPUs only (accelerate would train in "
+                          "float32 here); use bf16 on CPU")
+
+
+def plain_model(accelerator, model):
+    """The model without the wrappers of accelerate (DDP) and ``torch.compile``, as it is saved."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
 
 
 def make_model(args, num_classes: int):
@@ -176,7 +198,7 @@ def export_weights(args, accelerator, model, folder: Path, metrics, **card) -> N
     error = None
     if accelerator.is_main_process:
         try:
-            save_pretrained(accelerator.unwrap_model(model), folder, metrics=metrics, train_config=vars(args),
+            save_pretrained(plain_model(accelerator, model), folder, metrics=metrics, train_config=vars(args),
                             dataset=args.dataset, **card)
         except Exception as e:  # noqa: BLE001  (re-raised below, once the other processes know)
             error = e
@@ -312,6 +334,7 @@ def setup(args, accelerator):
         DataError: A missing path, split or column, or an empty split.
         CheckpointError: ``--init`` weights that are missing, pickled, corrupt or mismatched.
     """
+    check_device_flags(args, accelerator)
     splits = load_splits(args.dataset, args.data_path, args.image_column, args.label_column,
                          args.train_split, args.val_split, args.streaming)
     model = make_model(args, args.num_classes or splits.num_classes)
@@ -366,7 +389,7 @@ def train(args, accelerator, watch: PreemptionWatch) -> int:
     set_seed(args.seed)
     try:
         model, optimizer, scheduler, annealing, state, loaders = setup(args, accelerator)
-    except (DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         return fail(accelerator, str(e), EXIT_BAD_INPUT)  # before anything is written
     try:
         if accelerator.is_main_process:
