@@ -2,37 +2,69 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+MIN_VENV := .venv-min
 ARCH := $(shell uname -m)
 ifeq ($(ARCH),aarch64)
 TORCH_PINS := torch==2.9.1 torchvision==0.24.1
 else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
-TRAIN_CONFIG ?= configs/digits/resnet20_1w1a_reste.yaml
+TRAIN_CONFIG ?= digits/resnet20_1w1a_reste
+TRAIN_ARGS ?=
+BENCH_ARGS ?=
+# The lower bounds of pyproject.toml's dependencies, as exact pins (the version-floor run installs them).
+FLOORS = $(shell $(PYTHON) .ci/floors.py)
 
-.PHONY: venv train test lint bench clean
+.PHONY: venv train test test-fast test-min lint bench wheel clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
 
+# Trains the embedded default (ResNet-20 1W/1A, ReSTE, scikit-learn's digits), saves outputs/<config>/final,
+# reloads it through timm's local-dir: and prints its accuracy. TRAIN_ARGS adds flags (e.g. --epochs 2).
 train: venv
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
-		--dynamo_backend no scripts/train.py --config $(TRAIN_CONFIG)
+		--dynamo_backend no -m reste_timm train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything but the tests marked slow (training processes, compiles).
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: venv
 	$(VENV)/bin/ruff check reste_timm scripts tests benchmarks
 
 bench: venv
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+wheel:
+	rm -rf dist
+	$(PYTHON) -m pip wheel -q --no-deps -w dist .
+
+$(MIN_VENV)/.installed: pyproject.toml .ci/floors.py
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS)
+	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS) $(FLOORS) pytest onnx onnxscript onnxruntime matplotlib tensorboard
+	touch $@
+
+# The version floors: a second venv holding exactly the lower bounds pyproject.toml declares (and the pinned
+# torch), the built wheel installed into it, a short training run from outside the checkout, then the
+# suite without its slow tests, against the installed wheel (PYTHONSAFEPATH: the checkout is not on the path).
+test-min: $(MIN_VENV)/.installed wheel
+	$(MIN_VENV)/bin/pip install -q --no-deps --force-reinstall dist/reste_timm-*.whl
+	$(MIN_VENV)/bin/pip check
+	$(MIN_VENV)/bin/python .ci/floors.py --check
+	.ci/wheel_check.sh $(MIN_VENV)
+	PYTHONSAFEPATH=1 $(MIN_VENV)/bin/python -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) dist outputs .pytest_cache

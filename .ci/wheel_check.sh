@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The wheel as a pip user gets it: from a folder outside the checkout, with the venv given as $1 (the
+# wheel installed in it), train the packaged digits config for 3 epochs and load the result through timm.
+set -euo pipefail
+venv="$(cd "$1" && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+export PYTHONSAFEPATH=1
+"$venv/bin/reste-timm" configs | grep -q "^digits/resnet20_1w1a_reste "
+"$venv/bin/reste-timm" train --config digits/resnet20_1w1a_reste --epochs 3 --output-dir D --report-to none
+"$venv/bin/python" - <<'PY'
+import timm
+import torch
+
+import reste_timm
+
+assert "site-packages" in reste_timm.__file__, reste_timm.__file__  # the installed wheel, not a checkout
+model = timm.create_model("local-dir:D/final", pretrained=True).eval()
+with torch.no_grad():
+    logits = model(torch.zeros(1, 3, 32, 32))
+print(f"wheel check: reste_timm {reste_timm.__version__} from {reste_timm.__file__}; "
+      f"local-dir:D/final loads, logits {tuple(logits.shape)}")
+PY
