@@ -12,9 +12,10 @@ pins, which ``make test`` installs there).
 
 import re
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib  # Python >= 3.11: the CI's interpreter (the package itself supports 3.10)
 
 PINNED_BY_MAKEFILE = {"torch", "torchvision"}
 
@@ -42,7 +43,8 @@ def check(pins: dict) -> int:
         installed = metadata.version(name)
         same = _release(installed) == _release(version)
         bad += not same
-        print(f"{name:<16} declared >= {version:<8} installed {installed:<10} {'ok' if same else 'NOT THE FLOOR'}")
+        verdict = "ok" if same else "NOT THE FLOOR"
+        print(f"{name:<16} declared >= {version:<8} installed {installed:<10} {verdict}")
     return 1 if bad else 0
 
 

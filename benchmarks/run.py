@@ -82,9 +82,9 @@ def bench_estimator(device: torch.device, quick: bool) -> dict:
         return run
 
     hp = hyperparameters(O_BENCH, 0.0, device)
-    cases = {"ours (default: the op, C on CPU)": case(lambda t: sign(t, hp, "reste", 1.5, 0.1))}
+    cases = {"ours (default: the op, C on CPU)": case(lambda t: sign(t, hp, "reste"))}
     if device.type == "cpu":
-        cases["ours (the op, torch implementation)"] = case(lambda t: sign(t, hp, "reste", 1.5, 0.1), False)
+        cases["ours (the op, torch implementation)"] = case(lambda t: sign(t, hp, "reste"), False)
     cases.update({
         "detach form G+(sign-G).detach()": case(lambda t: reste_detach_form(t, O_BENCH)),
         "masked indexing (reference)": case(lambda t: masked_sign_reste(t, O_BENCH)),

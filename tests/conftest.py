@@ -45,6 +45,9 @@ HUB_ENV = {
     "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
 }
 os.environ.update(HUB_ENV)
+# torch.compile's caches in a fresh folder per session: a cached graph keeps the backward of the ops as
+# they were when it was compiled, so a stale cache would test old code.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="reste-timm-tests-inductor-")
 for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
             "HUGGINGFACE_HUB_CACHE", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
     os.environ.pop(var, None)

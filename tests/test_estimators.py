@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from reste_timm.nn import estimators as est
-from reste_timm.nn.binary_conv import binary_conv2d, scaled_sign_grad
+from reste_timm.nn.binary_conv import binary_conv2d, binary_conv2d_backward, conv_arguments
 from reste_timm.nn.estimators import (
     Estimator,
     get_estimator,
@@ -22,7 +22,6 @@ from reste_timm.nn.estimators import (
     sign_approx,
     sign_ede,
     sign_grad,
-    sign_grad_and_sign,
     sign_reste,
     sign_ste,
 )
@@ -241,10 +240,8 @@ def test_opcheck_estimator_ops(kind, dtype):
     """Schema, fake (meta) implementations, autograd registration and AOT tracing of every op."""
     x = torch.randn(3, 4, 5, 5, dtype=dtype)
     g = torch.randn(3, 4, 5, 5, dtype=dtype)
-    for op, args in [(sign, (x.clone().requires_grad_(), HP, kind, T, M)),
-                     (sign_grad, (x, g, HP, kind, T, M)),
-                     (sign_grad_and_sign, (x, g, HP, kind, T, M)),
-                     (scaled_sign_grad, (x, g, x.abs().mean(), HP, kind, T, M))]:
+    for op, args in [(sign, (x.clone().requires_grad_(), HP, kind)),
+                     (sign_grad, (x, g, HP, kind))]:
         torch.library.opcheck(op, args)
 
 
@@ -256,14 +253,18 @@ def test_opcheck_binary_conv(binarize_input, memory_format):
     w = torch.randn(6, 4, 3, 3).requires_grad_()
     b = torch.randn(6).requires_grad_()
     for bias, stride in ((None, [1, 1]), (b, [2, 2])):
-        torch.library.opcheck(binary_conv2d, (x, w, bias, stride, [1, 1], [1, 1], 1, HP, "reste", T, M,
-                                              binarize_input, None))
+        conv = conv_arguments(stride, [1, 1], [1, 1], 1, binarize_input)
+        torch.library.opcheck(binary_conv2d, (x, w, bias, HP, conv, "reste", None))
+        out, bw, scale = binary_conv2d(x, w, bias, HP, conv, "reste", None)
+        for mask in ([True, True, bias is not None], [False, True, False], [True, False, False]):
+            args = (torch.randn_like(out), x.detach(), w.detach(), bw, scale, HP, conv, "reste", mask)
+            torch.library.opcheck(binary_conv2d_backward, args)
 
 
 def test_one_compiled_graph_serves_every_exponent_and_progress():
     """The exponent and EDE's progress are tensors to the compiler: new values reuse the graph."""
     counters.clear()
-    fn = torch.compile(lambda x, hp: (sign(x, hp, "reste", T, M) + sign(x, hp, "ede", T, M)).sum(),
+    fn = torch.compile(lambda x, hp: (sign(x, hp, "reste") + sign(x, hp, "ede")).sum(),
                        backend="aot_eager", fullgraph=True)
     x = torch.randn(64, requires_grad=True)
     for o, progress in [(1.0, 0.0), (1.4, 0.1), (2.2, 0.5), (3.0, 1.0)]:

@@ -112,6 +112,23 @@ def test_table_path_gives_each_element_the_same_value_wherever_it_sits():
 
 
 @needs_kernel
+@pytest.mark.parametrize("with_sign", [False, True], ids=["grad", "grad-and-sign"])
+def test_avx512_and_avx2_builds_give_the_same_bits(with_sign):
+    """Where the compiler targets AVX-512 the table loop runs 16 lanes at a time; a build without
+    AVX-512 runs 8. Both compute each lane with the same instructions: the same bits."""
+    lib = kernels.library()
+    if lib is None or not hasattr(lib, "reste_grad_poly") or "avx512f" not in native.cpu_features():
+        pytest.skip("this CPU has no AVX-512")
+    avx2 = kernels.library(("-mno-avx512f",))
+    x = torch.cat([_inputs(), torch.randn(37, generator=torch.Generator().manual_seed(6))])
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    params = kernels.reste_params(2.5, 1.5, 0.1)
+    wide, narrow = _run(kernels.Plan(lib, params), x, grad, with_sign), _run(kernels.Plan(avx2, params), x,
+                                                                             grad, with_sign)
+    assert torch.equal(wide[0], narrow[0]) and (not with_sign or torch.equal(wide[1], narrow[1]))
+
+
+@needs_kernel
 def test_wide_bounds_within_the_c_loops_range_and_beyond_it():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(10_000, generator=gen) * torch.logspace(-25, 25, 10_000)  # |log2| up to ~85

@@ -292,10 +292,10 @@ def test_float32_conv_op_matches_the_plain_path(plain_reste, memory_format, need
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["torch-ops", "c-loop"])
 @pytest.mark.parametrize("estimator", ["reste", "ste", "approxsign", "ede"])
 def test_weight_gradient_op_equals_the_composition(estimator, dtype):
-    """reste_timm::scaled_sign_grad, the binary weight's gradient in the conv op's backward, against
+    """scaled_sign_grad, the binary weight's gradient in the conv op's backward, against
     autograd through est(w) * mean(|w|) op by op."""
     from reste_timm.nn.binary_conv import scaled_sign_grad
-    from reste_timm.nn.estimators import get_estimator, hyperparameters
+    from reste_timm.nn.estimators import get_estimator
 
     torch.manual_seed(3)
     w = torch.randn(16, 16, 3, 3, dtype=dtype, requires_grad=True)
@@ -303,8 +303,7 @@ def test_weight_gradient_op_equals_the_composition(estimator, dtype):
     up = torch.randn(composed.shape, dtype=dtype)
     composed.backward(up)
     est = get_estimator(estimator)
-    got = scaled_sign_grad(w.detach(), up, w.detach().abs().mean(), hyperparameters(2.5, 0.4), est.kind,
-                           est.t, est.m)
+    got = scaled_sign_grad(w.detach(), up, w.detach().abs().mean(), est.hyperparameters(2.5, 0.4), est.kind)
     # float64 runs autograd's own ops in its order: equal to rounding; the float32 ReSTE weight takes
     # the C loop (FMA, a double sum): a few ulps.
     tol = 1e-12 if dtype == torch.float64 else 2e-6

@@ -4,10 +4,11 @@
 
 The plain composition would keep both ``x`` (for the estimator) and ``sign(x)`` (for the conv's
 weight gradient); the op keeps only ``x``, so a 1W/1A layer holds no more activation memory than a
-float conv. Its backward takes the conv's input gradient first (which needs no ``sign(x)``), then one
-pass over ``x`` turns it into the estimator's gradient and yields ``sign(x)`` for the weight gradient
-(``reste_timm::sign_grad_and_sign``), and the binary weight's gradient, through the estimator and
-through ``mean(|w|)``, is one more op (``reste_timm::scaled_sign_grad``). As registered ops with fake
+float conv. Its backward, one more op (``reste_timm::binary_conv2d_backward``), takes the conv's input
+gradient first (which needs no ``sign(x)``), then one pass over ``x`` turns it into the estimator's
+gradient and yields ``sign(x)`` for the weight gradient, and the binary weight's gradient, through the
+estimator and through ``mean(|w|)``, is one more pass; on CPU both passes are the C loops of
+:mod:`reste_timm.nn.kernels`, writing into the conv's fresh gradients. As registered ops with fake
 implementations, ``torch.compile`` and ``torch.export`` trace them, and the exponent is the tensor
 ``hp``: a new ``o`` never recompiles.
 
@@ -22,55 +23,51 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .estimators import native_plan, sign_grad_and_sign, sign_grad_torch
+from .estimators import native_fits, native_plan, sign_grad_torch
 
-__all__ = ["binary_conv2d", "scaled_sign_grad"]
+__all__ = ["binary_conv2d", "binary_conv2d_backward", "conv_arguments", "scaled_sign_grad"]
 
 
-def _scaled_signsign_grad_torch(w, grad, scale, hp, kind, t, m):
-    # The ops autograd runs for est(w) * mean(|w|), in its order: through the estimator, then the mean.
+def conv_arguments(stride, padding, dilation, groups: int, binarize_input: bool) -> List[int]:
+    """The ops' ``conv`` list ``[sh, sw, ph, pw, dh, dw, groups, binarize_input]``: one argument
+    rather than five, because a custom op's dispatch cost grows with its argument count."""
+    return [*stride, *padding, *dilation, int(groups), int(binarize_input)]
+
+
+def _unpack(conv: List[int]):
+    return conv[0:2], conv[2:4], conv[4:6], conv[6], bool(conv[7])
+
+
+def scaled_sign_grad(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, hp: torch.Tensor, kind: str,
+                     native: bool = True) -> torch.Tensor:
+    """The gradient for ``w`` of ``est(w) * mean(|w|)``, through the estimator and through the scale:
+    ``f(w) * grad * scale + sign(w) * sum(grad * sign(w)) / N``, in the order autograd computes it for
+    the composition (with ``native``, one C call on CPU for float32 ReSTE, summing in double)."""
+    calls = native_plan(kind, hp) if native and native_fits(w, grad) else None
+    if calls is not None and scale.dtype == torch.float32:
+        out = torch.empty_like(grad)
+        calls.weight_grad(w, grad, scale, out)
+        return out
     sign_w = torch.sign(w)
     through_scale = sign_w * ((grad * sign_w).sum() / w.numel())
-    return sign_grad_torch(w, grad * scale, hp, kind, t, m) + through_scale
-
-
-@torch.library.custom_op("reste_timm::scaled_sign_grad", mutates_args=())
-def scaled_sign_grad(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, hp: torch.Tensor, kind: str,
-                     t: float, m: float) -> torch.Tensor:
-    """The gradient for ``w`` of ``est(w) * mean(|w|)``: ``f(w) grad scale + sign(w) sum(grad sign(w))/N``."""
-    return _scaled_signsign_grad_torch(w, grad, scale, hp, kind, t, m)
-
-
-@scaled_sign_grad.register_kernel("cpu")
-def _scaled_sign_grad_cpu(w, grad, scale, hp, kind, t, m):
-    calls = native_plan(kind, w, grad, hp, t, m)
-    if calls is None or scale.dtype != torch.float32:
-        return _scaled_signsign_grad_torch(w, grad, scale, hp, kind, t, m)
-    out = torch.empty_like(grad)
-    calls.weight_grad(w, grad, scale, out)
-    return out
-
-
-@scaled_sign_grad.register_fake
-def _(w, grad, scale, hp, kind, t, m):
-    return torch.empty_like(grad)
+    return sign_grad_torch(w, grad * scale, hp, kind) + through_scale
 
 
 @torch.library.custom_op("reste_timm::binary_conv2d", mutates_args=())
-def binary_conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
-                  padding: List[int], dilation: List[int], groups: int, hp: torch.Tensor, kind: str, t: float,
-                  m: float, binarize_input: bool, compute_dtype: Optional[torch.dtype]
+def binary_conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], hp: torch.Tensor,
+                  conv: List[int], kind: str, compute_dtype: Optional[torch.dtype]
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, bw, scale)``: the conv's output, the binary weight as the conv saw it, ``mean(|w|)``.
 
     Args:
         x, w, bias: The conv's input, latent weight and bias.
-        stride, padding, dilation, groups: As ``conv2d`` (padding: zeros, applied after the sign).
-        hp: ``[o, progress]`` (:func:`reste_timm.nn.estimators.hyperparameters`).
-        kind, t, m: The built-in estimator and ReSTE's threshold and interval.
-        binarize_input: True for 1W/1A, False for 1W/32A.
+        hp: ``[o, progress, t, m]`` (:func:`reste_timm.nn.estimators.hyperparameters`).
+        conv: :func:`conv_arguments`: stride, padding (zeros, applied after the sign), dilation, groups
+            as ``conv2d``'s, and ``binarize_input`` (1 for 1W/1A, 0 for 1W/32A).
+        kind: The built-in estimator.
         compute_dtype: The conv's dtype under autocast, None to keep the inputs'.
     """
+    stride, padding, dilation, groups, binarize_input = _unpack(conv)
     scale = w.abs().mean()
     bw = torch.sign(w).mul_(scale)
     xb = torch.sign(x) if binarize_input else x
@@ -81,7 +78,8 @@ def binary_conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 @binary_conv2d.register_fake
-def _(x, w, bias, stride, padding, dilation, groups, hp, kind, t, m, binarize_input, compute_dtype):
+def _(x, w, bias, hp, conv, kind, compute_dtype):
+    stride, padding, dilation, groups, _ = _unpack(conv)
     dtype = compute_dtype or x.dtype
     out = F.conv2d(torch.empty_like(x, dtype=dtype), torch.empty_like(w, dtype=dtype),
                    None if bias is None else torch.empty_like(bias, dtype=dtype), stride, padding, dilation,
@@ -89,52 +87,76 @@ def _(x, w, bias, stride, padding, dilation, groups, hp, kind, t, m, binarize_in
     return out, torch.empty_like(w, dtype=dtype), w.new_empty(())
 
 
+def _backward_impl(grad, x, w, bw, scale, hp, conv, kind, output_mask, native):
+    """The three gradients (empty where ``output_mask`` says not needed); ``native`` allows the C loops."""
+    stride, padding, dilation, groups, binarize_input = _unpack(conv)
+    need_x, need_w, need_b = output_mask
+    bias_sizes = [bw.shape[0]] if need_b else None
+    plan = native_plan(kind, hp) if native else None
+    grad_x, grad_w, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: no aliased outputs
+    # The input gradient reads only the input's shape, layout and dtype: x (or an empty twin in the
+    # conv's dtype) stands in for sign(x).
+    if need_x:
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, x if x.dtype == bw.dtype else torch.empty_like(x, dtype=bw.dtype), bw, bias_sizes, stride,
+            padding, dilation, False, [0, 0], groups, [True, False, False])[0]
+    inp = x
+    if binarize_input and need_x and plan is not None and native_fits(x, grad_x):
+        inp = torch.empty_like(x)
+        plan.grad(x, grad_x, grad_x, inp)  # in place: the estimator's gradient and sign(x), one pass
+    elif binarize_input:
+        grad_x = sign_grad_torch(x, grad_x, hp, kind) if need_x else grad_x
+        inp = torch.sign(x)
+    if need_w or need_b:
+        _, grad_bw, grad_bias = torch.ops.aten.convolution_backward(
+            grad, inp if inp.dtype == bw.dtype else inp.to(bw.dtype), bw, bias_sizes, stride, padding,
+            dilation, False, [0, 0], groups, [False, need_w, need_b])
+        grad_b = grad_bias if need_b else grad_b
+        if need_w and plan is not None and native_fits(w, grad_bw) and scale.dtype == torch.float32:
+            plan.weight_grad(w, grad_bw, scale, grad_bw)  # in place into the conv's fresh gradient
+            grad_w = grad_bw
+        elif need_w:
+            grad_w = scaled_sign_grad(w, grad_bw.to(w.dtype), scale, hp, kind, native=False)
+    return grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype), grad_w, grad_b
+
+
+@torch.library.custom_op("reste_timm::binary_conv2d_backward", mutates_args=())
+def binary_conv2d_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bw: torch.Tensor,
+                           scale: torch.Tensor, hp: torch.Tensor, conv: List[int], kind: str,
+                           output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`binary_conv2d` for ``x``, ``w`` and the bias (empty where not asked)."""
+    return _backward_impl(grad, x, w, bw, scale, hp, conv, kind, output_mask, native=False)
+
+
+@binary_conv2d_backward.register_kernel("cpu")
+def _(grad, x, w, bw, scale, hp, conv, kind, output_mask):
+    return _backward_impl(grad, x, w, bw, scale, hp, conv, kind, output_mask, native=True)
+
+
+@binary_conv2d_backward.register_fake
+def _(grad, x, w, bw, scale, hp, conv, kind, output_mask):
+    # the torch implementation on fake tensors: the same shapes, dtypes and layouts as the real one
+    return _backward_impl(grad, x, w, bw, scale, hp, conv, kind, output_mask, native=False)
+
+
 def _setup(ctx, inputs, output):
-    x, w, bias, stride, padding, dilation, groups, hp, kind, t, m, binarize_input, _ = inputs
+    x, w, bias, hp, ctx.conv, ctx.kind, _ = inputs
     _, bw, scale = output
     ctx.save_for_backward(x, w, hp, bw, scale)
-    ctx.conv = (stride, padding, dilation, groups)
-    ctx.estimator = (kind, t, m)
-    ctx.binarize_input, ctx.has_bias = binarize_input, bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(bw, scale)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, _grad_bw, _grad_scale):
-    x, w, hp, bw, scale = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    need_x, need_w = ctx.needs_input_grad[:2]
-    need_b = ctx.needs_input_grad[2] and ctx.has_bias
-    grad_x = grad_w = grad_b = None
     if grad is None:
-        return (None,) * 13
-
-    def conv_backward(inp, mask):
-        return torch.ops.aten.convolution_backward(grad, inp, bw, [bw.shape[0]] if ctx.has_bias else None,
-                                                   stride, padding, dilation, False, [0, 0], groups, mask)
-
-    # The input gradient reads only the input's shape, layout and dtype: x (or an empty twin in the
-    # conv's dtype) stands in for sign(x).
-    shape_src = x if x.dtype == bw.dtype else torch.empty_like(x, dtype=bw.dtype)
-    if need_x:
-        grad_x = conv_backward(shape_src, [True, False, False])[0]
-    inp = None
-    if ctx.binarize_input:
-        if need_x:
-            grad_x, inp = sign_grad_and_sign(x, grad_x, hp, *ctx.estimator)
-        elif need_w or need_b:
-            inp = torch.sign(x)
-    elif need_w or need_b:
-        inp = x
-    if need_w or need_b:
-        _, grad_bw, grad_b = conv_backward(inp.to(bw.dtype), [False, need_w, need_b])
-        if need_w:
-            grad_w = scaled_sign_grad(w, grad_bw.to(w.dtype), scale, hp, *ctx.estimator)
-        if need_b:
-            grad_b = grad_b.to(ctx.saved_tensors[1].dtype)
-    if grad_x is not None:
-        grad_x = grad_x.to(x.dtype)
-    return (grad_x, grad_w, grad_b) + (None,) * 10
+        return (None,) * 7
+    x, w, hp, bw, scale = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], needs[2] and ctx.bias_dtype is not None]
+    grad_x, grad_w, grad_b = binary_conv2d_backward(grad, x, w, bw, scale, hp, ctx.conv, ctx.kind, mask)
+    return (grad_x if mask[0] else None, grad_w if mask[1] else None,
+            grad_b.to(ctx.bias_dtype) if mask[2] else None, None, None, None, None)
 
 
 binary_conv2d.register_autograd(_backward, setup_context=_setup)

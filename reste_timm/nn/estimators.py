@@ -8,8 +8,8 @@ That factor is written once, in closed form with torch ops (:func:`reste_factor`
 
 The estimators run as registered torch ops, so that ``torch.compile`` and ``torch.export`` see them:
 ``reste_timm::sign`` (forward ``sign(x)``, gradient through ``reste_timm::sign_grad``). The exponent
-``o`` and EDE's training ``progress`` reach the ops as a tensor (``hp = [o, progress]``), not as Python
-numbers, so one compiled graph serves a whole annealing schedule. On CPU, ReSTE's float32 gradient
+``o`` and EDE's training ``progress`` reach the ops as a tensor (``hp = [o, progress, t, m]``), not as
+Python numbers, so one compiled graph serves a whole annealing schedule. On CPU, ReSTE's float32 gradient
 runs in C; everywhere else, and where no C compiler exists, the closed form itself runs.
 
 Estimators are registered by name, like larq's quantizers: :func:`get_estimator` returns an
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import math
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -30,9 +31,10 @@ from . import kernels
 
 __all__ = [
     "RESTE_INTERVAL", "RESTE_THRESHOLD", "Estimator", "approxsign_factor", "ede_factor", "ede_parameters",
-    "get_estimator", "hyperparameters", "list_estimators", "native_kernels", "register_estimator",
-    "reste_equivalent_forward", "reste_factor", "sign_approx", "sign_ede", "sign_grad", "sign_grad_and_sign",
-    "sign_grad_torch", "sign_reste", "sign_ste", "ste_factor",
+    "get_estimator", "hyperparameters", "list_estimators", "native_fits", "native_kernels",
+    "native_kernels_enabled", "native_plan", "register_estimator", "reste_equivalent_forward", "reste_factor",
+    "reste_values", "sign_approx", "sign_ede", "sign_grad", "sign_grad_torch", "sign_reste", "sign_ste",
+    "ste_factor",
 ]
 
 RESTE_THRESHOLD = 1.5
@@ -105,10 +107,10 @@ def ede_factor(x: torch.Tensor, progress: Number) -> torch.Tensor:
     return (k * t) / torch.cosh(x * t).square()
 
 
-def _factor(kind: str, x: torch.Tensor, hp: torch.Tensor, t: float, m: float) -> torch.Tensor:
-    """The factor of a built-in estimator ``kind`` with ``hp = [o, progress]``."""
+def _factor(kind: str, x: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+    """The factor of a built-in estimator ``kind`` with ``hp = [o, progress, t, m]``."""
     if kind == "reste":
-        return reste_factor(x, hp[0], t, m)
+        return reste_factor(x, hp[0], hp[2], hp[3])
     if kind == "ste":
         return ste_factor(x)
     if kind == "approxsign":
@@ -134,12 +136,19 @@ def native_kernels(enabled: bool = True) -> Iterator[None]:
         _native.reset(token)
 
 
-def hyperparameters(o: Number = 1.0, progress: Number = 0.0, device=None) -> torch.Tensor:
-    """The ``hp = [o, progress]`` tensor the ops take (float64, so the exponent is not rounded)."""
+def native_kernels_enabled() -> bool:
+    """Whether :func:`native_kernels` allows the C kernels here (the default)."""
+    return _native.get()
+
+
+def hyperparameters(o: Number = 1.0, progress: Number = 0.0, t: float = RESTE_THRESHOLD,
+                    m: float = RESTE_INTERVAL, device=None) -> torch.Tensor:
+    """The ``hp = [o, progress, t, m]`` tensor the ops take: ReSTE's exponent, EDE's training progress,
+    ReSTE's threshold and interval (float64, so the exponent is not rounded)."""
     if isinstance(o, torch.Tensor) or isinstance(progress, torch.Tensor):
-        return torch.stack([torch.as_tensor(o, dtype=torch.float64, device=device),
-                            torch.as_tensor(progress, dtype=torch.float64, device=device)])
-    return torch.tensor([float(o), float(progress)], dtype=torch.float64, device=device)
+        values = (o, progress, t, m)
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return torch.tensor([float(o), float(progress), float(t), float(m)], dtype=torch.float64, device=device)
 
 
 def dense_alike(x: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -151,13 +160,27 @@ def dense_alike(x: torch.Tensor, grad: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)
 
 
-def native_plan(kind: str, x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, t: float, m: float
-                ) -> Optional[kernels.Plan]:
-    """The C calls for this ReSTE gradient on float32 CPU tensors laid out alike, or None."""
-    if (kind != "reste" or not _native.get() or x.dtype != torch.float32 or grad.dtype != torch.float32
-            or not dense_alike(x, grad)):
+def reste_values(hp: torch.Tensor) -> Tuple[float, float, float]:
+    """``(o, t, m)`` of an ``hp`` tensor, read straight from CPU memory when it is the layers' float64
+    buffer (the backward reads them for every binary layer of every step; indexing costs more)."""
+    if hp.device.type == "cpu" and hp.dtype == torch.float64 and hp.is_contiguous():
+        o, _, t, m = (ctypes.c_double * 4).from_address(hp.data_ptr())
+        return o, t, m
+    o, _, t, m = hp.tolist()
+    return o, t, m
+
+
+def native_fits(x: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether the C loops take this pair: float32 CPU tensors laid out alike."""
+    return x.dtype == torch.float32 and grad.dtype == torch.float32 and dense_alike(x, grad)
+
+
+def native_plan(kind: str, hp: torch.Tensor) -> Optional[kernels.Plan]:
+    """The C calls of ReSTE's gradient at these hyperparameters, or None (another estimator, the C
+    kernels unavailable or turned off by :func:`native_kernels`); callers check :func:`native_fits`."""
+    if kind != "reste" or not _native.get():
         return None
-    return kernels.plan(float(hp[0]), t, m)
+    return kernels.plan(*reste_values(hp))
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -165,75 +188,51 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def sign_grad_torch(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str, t: float, m: float
-                    ) -> torch.Tensor:
+def sign_grad_torch(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str) -> torch.Tensor:
     """``grad * factor(x)`` from the closed form: the ops' implementation wherever C does not apply."""
-    return (grad * _factor(kind, _upcast(x), hp, t, m)).to(grad.dtype)
+    return (grad * _factor(kind, _upcast(x), hp)).to(grad.dtype)
 
 
 @torch.library.custom_op("reste_timm::sign_grad", mutates_args=())
-def sign_grad(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str, t: float, m: float
-              ) -> torch.Tensor:
+def sign_grad(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str) -> torch.Tensor:
     """``grad * factor(x)`` of the built-in estimator ``kind`` (the closed form, any device)."""
-    return sign_grad_torch(x, grad, hp, kind, t, m)
+    return sign_grad_torch(x, grad, hp, kind)
 
 
 @sign_grad.register_kernel("cpu")
-def _sign_grad_cpu(x, grad, hp, kind, t, m):
-    calls = native_plan(kind, x, grad, hp, t, m)
+def _sign_grad_cpu(x, grad, hp, kind):
+    calls = native_plan(kind, hp) if native_fits(x, grad) else None
     if calls is None:
-        return sign_grad_torch(x, grad, hp, kind, t, m)
+        return sign_grad_torch(x, grad, hp, kind)
     out = torch.empty_like(grad)
     calls.grad(x, grad, out, None)
     return out
 
 
 @sign_grad.register_fake
-def _(x, grad, hp, kind, t, m):
+def _(x, grad, hp, kind):
     return torch.empty_like(grad)
 
 
-@torch.library.custom_op("reste_timm::sign_grad_and_sign", mutates_args=())
-def sign_grad_and_sign(x: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, kind: str, t: float,
-                       m: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(grad * factor(x), sign(x))``: the binary conv's backward needs both, from one pass over x."""
-    return sign_grad_torch(x, grad, hp, kind, t, m), torch.sign(x)
-
-
-@sign_grad_and_sign.register_kernel("cpu")
-def _sign_grad_and_sign_cpu(x, grad, hp, kind, t, m):
-    calls = native_plan(kind, x, grad, hp, t, m)
-    if calls is None:
-        return sign_grad_torch(x, grad, hp, kind, t, m), torch.sign(x)
-    out, sign = torch.empty_like(grad), torch.empty_like(x)
-    calls.grad(x, grad, out, sign)
-    return out, sign
-
-
-@sign_grad_and_sign.register_fake
-def _(x, grad, hp, kind, t, m):
-    return torch.empty_like(grad), torch.empty_like(x)
-
-
 @torch.library.custom_op("reste_timm::sign", mutates_args=())
-def sign(x: torch.Tensor, hp: torch.Tensor, kind: str, t: float, m: float) -> torch.Tensor:
+def sign(x: torch.Tensor, hp: torch.Tensor, kind: str) -> torch.Tensor:
     """``sign(x)`` whose gradient is ``grad * factor(x)`` of the built-in estimator ``kind``."""
     return torch.sign(x)
 
 
 @sign.register_fake
-def _(x, hp, kind, t, m):
+def _(x, hp, kind):
     return torch.empty_like(x)
 
 
 def _sign_setup(ctx, inputs, output):
-    x, hp, ctx.kind, ctx.t, ctx.m = inputs
+    x, hp, ctx.kind = inputs
     ctx.save_for_backward(x, hp)
 
 
 def _sign_backward(ctx, grad):
     x, hp = ctx.saved_tensors
-    return sign_grad(x, grad, hp, ctx.kind, ctx.t, ctx.m), None, None, None, None
+    return sign_grad(x, grad, hp, ctx.kind), None, None
 
 
 sign.register_autograd(_sign_backward, setup_context=_sign_setup)
@@ -258,14 +257,18 @@ class Estimator:
 
     def factor(self, x: torch.Tensor, o: Number = 1.0, progress: Number = 0.0) -> torch.Tensor:
         """The closed form of this estimator's gradient factor at ``x``."""
-        return _factor(self.kind, x, hyperparameters(o, progress, x.device), self.t, self.m)
+        return _factor(self.kind, x, self.hyperparameters(o, progress, x.device))
+
+    def hyperparameters(self, o: Number = 1.0, progress: Number = 0.0, device=None) -> torch.Tensor:
+        """The ``hp`` tensor of this estimator at ``o`` and ``progress`` (its own ``t`` and ``m``)."""
+        return hyperparameters(o, progress, self.t, self.m, device)
 
     def apply(self, x: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
-        """``sign(x)`` with this estimator's gradient, ``hp = [o, progress]`` as a tensor."""
-        return sign(x, hp, self.kind, self.t, self.m)
+        """``sign(x)`` with this estimator's gradient, ``hp = [o, progress, t, m]`` as a tensor."""
+        return sign(x, hp, self.kind)
 
     def __call__(self, x: torch.Tensor, o: Number = 1.0, progress: Number = 0.0) -> torch.Tensor:
-        return self.apply(x, hyperparameters(o, progress, x.device))
+        return self.apply(x, self.hyperparameters(o, progress, x.device))
 
     def __repr__(self) -> str:
         return f"Estimator({self.name!r}, kind={self.kind!r}, t={self.t:g}, m={self.m:g})"

@@ -8,7 +8,8 @@ and a Taylor ``exp2``), so the compiler vectorizes the loop and keeps several ve
 Where the compiler targets AVX2 and FMA and ``[m, t]`` spans at most 8 binades (the paper's 0.1 and
 1.5 span 5), a second loop skips the powers altogether: a degree-4 polynomial per eighth of the
 mantissa range and one scale per binade, picked by lane permutes, fitted in float64 per exponent
-(:func:`poly_tables`). A third function gives a binary weight's whole gradient (through the estimator
+(:func:`poly_tables`), 16 lanes at a time where the compiler targets AVX-512 (the same instructions
+lane by lane, so the same bits as the 8-lane loop). A third function gives a binary weight's whole gradient (through the estimator
 and through ``mean(|w|)``) in one call. docs/performance.md has the measurements.
 
 :func:`plan` resolves everything for one ``(o, t, m)`` once (library, float parameters, tables): the
@@ -26,7 +27,7 @@ import torch
 
 from .native import load_library
 
-__all__ = ["Plan", "plan", "poly_tables", "reste_params"]
+__all__ = ["Plan", "library", "plan", "poly_tables", "reste_params"]
 
 _SOURCE = "reste_grad.c"
 # The C powers need no clamp of their argument while m >= 2^-120 and t <= 2^120 (see reste_factor in
@@ -52,8 +53,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _library() -> Optional[ctypes.CDLL]:
-    lib = load_library(_SOURCE)
+def library(extra_flags: Tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
+    """The built C library with its functions declared, or None (no compiler, failed build, turned
+    off); ``extra_flags`` builds a variant (the tests build ``-mno-avx512f`` to compare code paths)."""
+    lib = load_library(_SOURCE, extra_flags)
     if lib is not None and lib.reste_grad.argtypes is None:
         _declare(lib)
     return lib
@@ -132,13 +135,13 @@ def plan(o: float, t: float, m: float, use_tables: bool = True) -> Optional[Plan
 
     Args:
         o, t, m: ReSTE's exponent, threshold and interval.
-        use_tables: Allow the AVX2 table loop (False forces the generic loop, for tests).
+        use_tables: Allow the table loop (False forces the generic loop, for tests).
     """
     key = (o, t, m, use_tables)
     found = _plans.get(key)
     if found is not None:
         return found
-    lib = _library()
+    lib = library()
     if lib is None or not (_BOUNDS[0] <= m and t <= _BOUNDS[1]):
         return None
     if len(_plans) >= 64:  # earlier exponents do not come back

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .binary_conv import binary_conv2d
-from .estimators import check_exponent, get_estimator, hyperparameters
+from .binary_conv import binary_conv2d, conv_arguments
+from .estimators import check_exponent, get_estimator
 
 __all__ = ["BinaryConv2d", "binary_layers", "set_exponent", "set_progress", "set_weight_cache"]
 
@@ -27,8 +27,9 @@ class BinaryConv2d(nn.Conv2d):
     keeps the input's memory format and follows autocast.
 
     The exponent ``o`` (ReSTE) and the training ``progress`` (EDE) live in a non-persistent float64
-    buffer ``hparams = [o, progress]``: the state dict keeps the reference's keys, the values move with
-    the layer to any device, and ``torch.compile`` sees a tensor, so annealing ``o`` never recompiles.
+    buffer ``hparams = [o, progress, t, m]`` (``t``, ``m``: the estimator's threshold and interval): the
+    state dict keeps the reference's keys, the values move with the layer to any device, and
+    ``torch.compile`` sees a tensor, so annealing ``o`` never recompiles.
     :attr:`exponent` and :attr:`progress` read and write it as numbers.
 
     Args:
@@ -46,7 +47,7 @@ class BinaryConv2d(nn.Conv2d):
         self.estimator = str(estimator).lower()
         self._estimate = get_estimator(self.estimator)
         self.binarize_input = bool(binarize_input)
-        self.register_buffer("hparams", hyperparameters(1.0, 0.0), persistent=False)
+        self.register_buffer("hparams", self._estimate.hyperparameters(1.0, 0.0), persistent=False)
         # Opt-in (see set_weight_cache): reuse bw across no-grad forwards while w is unchanged.
         self.cache_weight = False
         self._cached: Optional[Tuple[tuple, torch.Tensor]] = None
@@ -124,9 +125,8 @@ class BinaryConv2d(nn.Conv2d):
             x, padding = self._padded(x)
             device = x.device.type
             compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            return binary_conv2d(x, self.weight, self.bias, list(self.stride), padding, list(self.dilation),
-                                 self.groups, self.hparams, estimate.kind, estimate.t, estimate.m,
-                                 self.binarize_input, compute)[0]
+            conv = conv_arguments(self.stride, padding, self.dilation, self.groups, self.binarize_input)
+            return binary_conv2d(x, self.weight, self.bias, self.hparams, conv, estimate.kind, compute)[0]
         if self.binarize_input:
             x = estimate.apply(x, self.hparams)
         return self._conv_forward(x, weight, self.bias)

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-__all__ = ["BASE_FLAGS", "load_library", "native_enabled"]
+__all__ = ["BASE_FLAGS", "cpu_features", "load_library", "native_enabled"]
 
 # No -ffast-math: NaN, comparisons and rounding keep IEEE semantics. The two -fno flags only let the
 # compiler assume no errno and no FP traps (unused here), which it needs to if-convert and vectorize;
@@ -46,7 +46,7 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
     """The CPU's feature flags: -march=native code built on one CPU may not run on another that shares
     the cache folder (a home directory on a cluster), so they are part of the library's name."""
     try:
@@ -77,7 +77,7 @@ def _open(name: str, source: str, flags: Sequence[str]) -> Optional[ctypes.CDLL]
                       f"{name} runs its torch implementation (slower)", RuntimeWarning, stacklevel=4)
         return None
     key = hashlib.sha256("\0".join([source, *flags, compiler, platform.machine(),
-                                    _cpu_features()]).encode()).hexdigest()[:16]
+                                    cpu_features()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{Path(name).stem}_{key}.so"
     try:
         if not target.exists():

@@ -133,8 +133,71 @@ static inline void poly_block8(const float *x, const float *grad, float *grad_ou
                                                  _mm256_and_ps(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ), one)));
 }
 
-/* reste_grad through poly_factor8. The last n % 8 elements go through the same block via copies, so
-   every element gets the same arithmetic wherever it sits. */
+#if defined(__AVX512F__)
+/* poly_factor8 on 16 lanes: the same instructions lane by lane (so the same results), the 8-entry
+   tables repeated in both halves of each permute's source. */
+typedef struct { __m512 c0, c1, c2, c3, c4, scale, m, t, secant; __m512i e_lo; } poly_consts16;
+
+static inline __m512 widen8(__m256 v) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(v), v, 1);
+}
+
+static inline __m512 poly_factor16(__m512 xv, const poly_consts16 *k) {
+    const __m512 ax = _mm512_abs_ps(xv);
+    const __m512 ac = _mm512_min_ps(_mm512_max_ps(ax, k->m), k->t);
+    const __m512i bits = _mm512_castps_si512(ac);
+    const __m512i j = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(7));
+    const __m512 r = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0xFFFFF))),
+                                     _mm512_set1_ps(0x1p-23f), _mm512_set1_ps(0.0625f));
+    __m512 p = _mm512_permutexvar_ps(j, k->c4);
+    p = _mm512_fmadd_ps(p, r, _mm512_permutexvar_ps(j, k->c3));
+    p = _mm512_fmadd_ps(p, r, _mm512_permutexvar_ps(j, k->c2));
+    p = _mm512_fmadd_ps(p, r, _mm512_permutexvar_ps(j, k->c1));
+    p = _mm512_fmadd_ps(p, r, _mm512_permutexvar_ps(j, k->c0));
+    const __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), k->e_lo);
+    const __m512 f = _mm512_mul_ps(p, _mm512_permutexvar_ps(e, k->scale));
+    const __m512 cut = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ax, k->t, _CMP_LE_OQ), f);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, k->m, _CMP_LE_OQ), cut, k->secant);
+}
+
+static inline void poly_block16(const float *x, const float *grad, float *grad_out, float *sign_out,
+                                const poly_consts16 *k) {
+    const __m512 xv = _mm512_loadu_ps(x), zero = _mm512_setzero_ps();
+    _mm512_storeu_ps(grad_out, _mm512_mul_ps(_mm512_loadu_ps(grad), poly_factor16(xv, k)));
+    if (sign_out) {
+        const __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ), _mm512_set1_ps(1.0f));
+        const __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ), _mm512_set1_ps(1.0f));
+        _mm512_storeu_ps(sign_out, _mm512_sub_ps(pos, neg));
+    }
+}
+
+static void poly_blocks(const float *x, const float *grad, float *grad_out, float *sign_out, int64_t nv,
+                        const poly_consts *k8, int threads) {
+    poly_consts16 k;
+    int64_t n16 = nv / 2;
+    k.c0 = widen8(k8->c0); k.c1 = widen8(k8->c1); k.c2 = widen8(k8->c2); k.c3 = widen8(k8->c3);
+    k.c4 = widen8(k8->c4); k.scale = widen8(k8->scale);
+    k.m = widen8(k8->m); k.t = widen8(k8->t); k.secant = widen8(k8->secant);
+    k.e_lo = _mm512_castps_si512(widen8(_mm256_castsi256_ps(k8->e_lo)));
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel: threads > 1)
+    for (int64_t v = 0; v < n16; v++)
+        poly_block16(x + 16 * v, grad + 16 * v, grad_out + 16 * v, sign_out ? sign_out + 16 * v : 0, &k);
+    if (nv % 2)
+        poly_block8(x + 16 * n16, grad + 16 * n16, grad_out + 16 * n16, sign_out ? sign_out + 16 * n16 : 0,
+                    k8);
+}
+#else
+static void poly_blocks(const float *x, const float *grad, float *grad_out, float *sign_out, int64_t nv,
+                        const poly_consts *k, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel: threads > 1)
+    for (int64_t v = 0; v < nv; v++)
+        poly_block8(x + 8 * v, grad + 8 * v, grad_out + 8 * v, sign_out ? sign_out + 8 * v : 0, k);
+}
+#endif
+
+/* reste_grad through poly_factor8 (16 lanes at a time where the compiler targets AVX-512). The last
+   n % 8 elements go through the same block via copies, so every element gets the same arithmetic
+   wherever it sits. */
 void reste_grad_poly(const float *x, const float *grad, float *grad_out, float *sign_out, int64_t n,
                      float m, float t, float secant, const float *coef, const float *scale, int e_lo,
                      int threads) {
@@ -151,9 +214,7 @@ void reste_grad_poly(const float *x, const float *grad, float *grad_out, float *
     k.t = _mm256_set1_ps(t);
     k.secant = _mm256_set1_ps(secant);
     k.e_lo = _mm256_set1_epi32(e_lo);
-    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel: threads > 1)
-    for (int64_t v = 0; v < nv; v++)
-        poly_block8(x + 8 * v, grad + 8 * v, grad_out + 8 * v, sign_out ? sign_out + 8 * v : 0, &k);
+    poly_blocks(x, grad, grad_out, sign_out, nv, &k, threads);
     if (rest) {
         memcpy(tx, x + 8 * nv, rest * 4);
         memcpy(tg, grad + 8 * nv, rest * 4);
