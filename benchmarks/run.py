@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import timm  # noqa: E402
@@ -262,6 +264,29 @@ def _print_packed(res: dict) -> None:
           f"same top-1: {lat['same_top1_float16']})")
 
 
+def _cpu_model() -> str:
+    """The CPU's name (the figures are this machine's)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "CPU part"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    """The checkout's commit, with ``+`` when the tree has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+" if dirty else "") if head else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -283,7 +308,8 @@ def main(argv=None) -> dict:
     env = {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "machine": platform.machine(), "cpus": os.cpu_count(), "quick": args.quick,
-           "loadavg_start": os.getloadavg(), "malloc": malloc}
+           "cpu_model": _cpu_model(), "commit": _commit(), "loadavg_start": os.getloadavg(),
+           "malloc": malloc}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     print(f"env: {env}", flush=True)

@@ -22,7 +22,7 @@ OFFICIAL = json.loads((Path(__file__).parent / "data" / "official_state_dicts.js
 MODEL = "resnet20_1w1a_reste"
 
 
-def _official_state_dict(name: str = "resnet20_1w1a") -> dict:
+def official_state_dict(name: str = "resnet20_1w1a") -> dict:
     """Random tensors with the reference's keys and shapes (BN statistics kept valid)."""
     g = torch.Generator().manual_seed(0)
     state = {}
@@ -36,7 +36,7 @@ def _official_state_dict(name: str = "resnet20_1w1a") -> dict:
     return state
 
 
-def _save_reference(path: Path, state: dict) -> Path:
+def save_reference(path: Path, state: dict) -> Path:
     # The reference's main.py layout, saved from nn.DataParallel (hence the "module." prefixes).
     torch.save({"epoch": 1000, "model": "resnet20_1w1a", "best_prec1": 86.75,
                 "state_dict": {f"module.{k}": v for k, v in state.items()},
@@ -47,8 +47,8 @@ def _save_reference(path: Path, state: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    state = _official_state_dict()
-    return state, _save_reference(tmp_path_factory.mktemp("ckpt") / "model_best.pth.tar", state)
+    state = official_state_dict()
+    return state, save_reference(tmp_path_factory.mktemp("ckpt") / "model_best.pth.tar", state)
 
 
 @pytest.mark.parametrize("model_name,binarize_input", [(MODEL, True), ("resnet20_1w32a_reste", False)])
@@ -78,14 +78,14 @@ def _assert_fails(checkpoint, key, tmp_path, model_name=MODEL, **kwargs):
 
 
 def test_missing_key_is_named(tmp_path):
-    state = _official_state_dict()
+    state = official_state_dict()
     del state["layer3.2.bn2.running_mean"]
-    _assert_fails(_save_reference(tmp_path / "c.pth.tar", state), "layer3.2.bn2.running_mean", tmp_path)
+    _assert_fails(save_reference(tmp_path / "c.pth.tar", state), "layer3.2.bn2.running_mean", tmp_path)
 
 
 def test_extra_key_is_named(tmp_path):
-    state = dict(_official_state_dict(), **{"layer1.0.conv1.alpha": torch.ones(16)})
-    _assert_fails(_save_reference(tmp_path / "c.pth.tar", state), "layer1.0.conv1.alpha", tmp_path)
+    state = dict(official_state_dict(), **{"layer1.0.conv1.alpha": torch.ones(16)})
+    _assert_fails(save_reference(tmp_path / "c.pth.tar", state), "layer1.0.conv1.alpha", tmp_path)
 
 
 def test_wrong_model_is_named(official, tmp_path):
@@ -103,7 +103,7 @@ class NotAllowed:
 
 def test_unsafe_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pth.tar"
-    torch.save({"state_dict": _official_state_dict(), "args": NotAllowed()}, path)
+    torch.save({"state_dict": official_state_dict(), "args": NotAllowed()}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
         convert_official_checkpoint(path, MODEL, tmp_path / "out")
 
