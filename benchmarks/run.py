@@ -83,7 +83,7 @@ def bench_estimator(device: torch.device, quick: bool) -> dict:
                 fn(x).backward(grad)
         return run
 
-    hp = hyperparameters(O_BENCH, 0.0, device)
+    hp = hyperparameters(O_BENCH, 0.0, device=device)
     cases = {"ours (default: the op, C on CPU)": case(lambda t: sign(t, hp, "reste"))}
     if device.type == "cpu":
         cases["ours (the op, torch implementation)"] = case(lambda t: sign(t, hp, "reste"), False)

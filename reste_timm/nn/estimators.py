@@ -142,7 +142,7 @@ def native_kernels_enabled() -> bool:
 
 
 def hyperparameters(o: Number = 1.0, progress: Number = 0.0, t: float = RESTE_THRESHOLD,
-                    m: float = RESTE_INTERVAL, device=None) -> torch.Tensor:
+                    m: float = RESTE_INTERVAL, *, device=None) -> torch.Tensor:
     """The ``hp = [o, progress, t, m]`` tensor the ops take: ReSTE's exponent, EDE's training progress,
     ReSTE's threshold and interval (float64, so the exponent is not rounded)."""
     if isinstance(o, torch.Tensor) or isinstance(progress, torch.Tensor):
@@ -257,18 +257,18 @@ class Estimator:
 
     def factor(self, x: torch.Tensor, o: Number = 1.0, progress: Number = 0.0) -> torch.Tensor:
         """The closed form of this estimator's gradient factor at ``x``."""
-        return _factor(self.kind, x, self.hyperparameters(o, progress, x.device))
+        return _factor(self.kind, x, self.hyperparameters(o, progress, device=x.device))
 
-    def hyperparameters(self, o: Number = 1.0, progress: Number = 0.0, device=None) -> torch.Tensor:
+    def hyperparameters(self, o: Number = 1.0, progress: Number = 0.0, *, device=None) -> torch.Tensor:
         """The ``hp`` tensor of this estimator at ``o`` and ``progress`` (its own ``t`` and ``m``)."""
-        return hyperparameters(o, progress, self.t, self.m, device)
+        return hyperparameters(o, progress, self.t, self.m, device=device)
 
     def apply(self, x: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
         """``sign(x)`` with this estimator's gradient, ``hp = [o, progress, t, m]`` as a tensor."""
         return sign(x, hp, self.kind)
 
     def __call__(self, x: torch.Tensor, o: Number = 1.0, progress: Number = 0.0) -> torch.Tensor:
-        return self.apply(x, self.hyperparameters(o, progress, x.device))
+        return self.apply(x, self.hyperparameters(o, progress, device=x.device))
 
     def __repr__(self) -> str:
         return f"Estimator({self.name!r}, kind={self.kind!r}, t={self.t:g}, m={self.m:g})"
