@@ -9,8 +9,9 @@ Where the compiler targets AVX2 and FMA and ``[m, t]`` spans at most 8 binades (
 1.5 span 5), a second loop skips the powers altogether: a degree-4 polynomial per eighth of the
 mantissa range and one scale per binade, picked by lane permutes, fitted in float64 per exponent
 (:func:`poly_tables`), 16 lanes at a time where the compiler targets AVX-512 (the same instructions
-lane by lane, so the same bits as the 8-lane loop). A third function gives a binary weight's whole gradient (through the estimator
-and through ``mean(|w|)``) in one call. docs/performance.md has the measurements.
+lane by lane, so the same bits as the 8-lane loop). A third function gives a binary weight's whole
+gradient (through the estimator and through ``mean(|w|)``) in one call. docs/performance.md has the
+measurements.
 
 :func:`plan` resolves everything for one ``(o, t, m)`` once (library, float parameters, tables): the
 exponent changes once per epoch or step, the backward runs twice per binary layer per step.
