@@ -4,7 +4,8 @@ This is a *test double* of the Hub's HTTP API, not a mock of ``huggingface_hub``
 server (stdlib ``http.server``, no dependencies) on 127.0.0.1 that an unmodified
 ``huggingface_hub`` client (0.23 to 2.x, requests- or httpx-based) reaches through its normal HTTP
 stack once ``HF_ENDPOINT=http://127.0.0.1:PORT`` is set *before huggingface_hub is first imported*
-(see ``point_loaded_client_at`` for a client imported earlier). Model repos only; state is in memory.
+(see ``hubclient.point_loaded_client_at`` for a client imported earlier). Model repos only; state is
+in memory.
 
 Real Hub endpoints imitated (what hf_hub_download / HfApi call):
   HEAD|GET /{repo}/resolve/{rev}/{path}            file download: X-Repo-Commit, ETag, Content-Length,
@@ -491,27 +492,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _handle
-
-
-def point_loaded_client_at(endpoint: str) -> None:
-    """Repoint an *already imported* huggingface_hub at ``endpoint`` (prefer exporting HF_ENDPOINT
-    before the first import). Every version copies the endpoint at import time: 0.2x into module
-    globals (``from .constants import ENDPOINT`` in hf_api, lfs, _commit_api, ...; the resolve URL
-    template in file_download), all versions into the module-level ``hf_api.api`` HfApi instance used
-    by the top-level functions (huggingface_hub.model_info, upload_folder, ...). Offline mode and
-    timeouts are likewise read once at import (``constants.HF_HUB_OFFLINE`` etc.)."""
-    import sys
-
-    from huggingface_hub import constants, hf_api
-
-    old, endpoint = constants.ENDPOINT, endpoint.rstrip("/")
-    old_tpl = constants.HUGGINGFACE_CO_URL_TEMPLATE
-    new_tpl = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    for name, module in list(sys.modules.items()):
-        if module is not None and (name == "huggingface_hub" or name.startswith("huggingface_hub.")):
-            for attr, was, now in [("ENDPOINT", old, endpoint),
-                                   ("HUGGINGFACE_CO_URL_TEMPLATE", old_tpl, new_tpl)]:
-                if getattr(module, attr, None) == was and attr in vars(module):
-                    setattr(module, attr, now)
-    if getattr(hf_api, "api", None) is not None and hf_api.api.endpoint == old:
-        hf_api.api.endpoint = endpoint

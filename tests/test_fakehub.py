@@ -426,8 +426,8 @@ def test_point_loaded_client_at_repoints_an_imported_client(hub, tmp_path):
     out = run_client(f"""
         import huggingface_hub
         from huggingface_hub import HfApi, hf_hub_download
-        import fakehub
-        fakehub.point_loaded_client_at({hub.endpoint!r})
+        import hubclient
+        hubclient.point_loaded_client_at({hub.endpoint!r})
         path = hf_hub_download("fake-org/late", "config.json", cache_dir={str(tmp_path)!r})
         print(open(path, "rb").read().decode())
         print(huggingface_hub.model_info("fake-org/late").id)

@@ -181,6 +181,24 @@ def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+def test_a_source_is_built_with_its_headers_and_rebuilt_when_one_changes(tmp_path, monkeypatch):
+    # bitconv.c is split into parts (#include "bitconv_*.h"): a changed part must not reuse a stale build.
+    monkeypatch.setenv("RESTE_TIMM_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "answer.c").write_text('#include "part.h"\nint answer(void) { return PART; }\n')
+    answers = []
+    for value in (1, 2):
+        (src / "part.h").write_text(f"#define PART {value}\n")
+        monkeypatch.setattr(native, "_libraries", {})
+        lib = native.load_library(str(src / "answer.c"))
+        if lib is None:
+            pytest.skip("no C compiler on this machine")
+        answers.append(lib.answer())
+    assert answers == [1, 2]
+    assert len(list((tmp_path / "cache" / "kernels").glob("answer_*.so"))) == 2
+
+
 @pytest.mark.parametrize("cc", ["no-such-compiler", "false"], ids=["no-compiler", "failing-build"])
 def test_without_a_working_compiler_it_warns_once_and_the_torch_implementation_serves(cc, tmp_path,
                                                                                       monkeypatch):

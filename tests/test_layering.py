@@ -93,3 +93,16 @@ def test_no_import_cycle_between_modules():
 def test_files_stay_under_500_lines(module):
     lines = MODULES[module].read_text().count("\n")
     assert lines <= 500, f"{MODULES[module]} has {lines} lines"
+
+
+ROOT = PACKAGE.parent
+# Every other source file of the checkout: the C kernels and their parts, the tests, scripts, benchmarks.
+OTHER_SOURCES = sorted({*PACKAGE.rglob("*.c"), *PACKAGE.rglob("*.h"), *(ROOT / "tests").rglob("*.py"),
+                        *(ROOT / "tests").rglob("*.c"), *(ROOT / "scripts").glob("*.py"),
+                        *(ROOT / "benchmarks").glob("*.py"), *(ROOT / ".ci").glob("*.py")})
+
+
+@pytest.mark.parametrize("path", OTHER_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_other_source_files_stay_under_500_lines(path):
+    lines = path.read_text().count("\n")
+    assert lines <= 500, f"{path.relative_to(ROOT)} has {lines} lines"

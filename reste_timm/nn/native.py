@@ -1,9 +1,10 @@
 """Building and loading the package's C kernels (``csrc/*.c`` package data) with the system compiler.
 
-The kernels are plain C (no PyTorch headers), so a build takes about a second; each library is cached
-under ``$RESTE_TIMM_CACHE`` (default ``~/.cache/reste_timm``), keyed by a hash of the source, the
-flags, the compiler and the CPU, and written atomically (several processes may build at once). The
-registered ops call them through ``ctypes`` on CPU tensors' memory.
+The kernels are plain C (no PyTorch headers), so a build takes about a second; each ``.c`` file is one
+translation unit, compiled where it lies (its ``#include "..."`` parts are the ``.h`` files beside it).
+Each library is cached under ``$RESTE_TIMM_CACHE`` (default ``~/.cache/reste_timm``), keyed by a hash
+of the source and its headers, the flags, the compiler and the CPU, and written atomically (several
+processes may build at once). The registered ops call them through ``ctypes`` on CPU tensors' memory.
 
 Without a C compiler, on a platform other than Linux, with ``RESTE_TIMM_NATIVE=0``, or when a build
 fails, :func:`load_library` returns None once with a warning, and the ops run their torch
@@ -58,30 +59,38 @@ def cpu_features() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, source: str, flags: Sequence[str], target: Path) -> None:
+def _sources(path: Path) -> str:
+    """The text a build of ``path`` reads: the file and the headers beside it (its ``#include "..."``
+    parts), so that the cache key changes with any of them."""
+    headers = sorted(path.parent.glob("*.h"))
+    return "\0".join(p.read_text() for p in (path, *headers))
+
+
+def _build(compiler: str, path: Path, flags: Sequence[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "kernel.c", Path(tmp) / target.name
-        src.write_text(source)
-        proc = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True,
+        out = Path(tmp) / target.name
+        # compiled where it lies, so that its #include "..." parts resolve beside it
+        proc = subprocess.run([compiler, *flags, str(path), "-o", str(out)], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise OSError(f"{compiler} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: a concurrent process sees no half-written library
 
 
-def _open(name: str, source: str, flags: Sequence[str]) -> Optional[ctypes.CDLL]:
+def _open(path: Path, flags: Sequence[str]) -> Optional[ctypes.CDLL]:
+    name = path.name
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or platform.system() != "Linux":
         warnings.warn(f"reste_timm: no C compiler (cc/gcc, or $CC) on this {platform.system()} machine: "
                       f"{name} runs its torch implementation (slower)", RuntimeWarning, stacklevel=4)
         return None
-    key = hashlib.sha256("\0".join([source, *flags, compiler, platform.machine(),
+    key = hashlib.sha256("\0".join([_sources(path), *flags, compiler, platform.machine(),
                                     cpu_features()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{Path(name).stem}_{key}.so"
     try:
         if not target.exists():
-            _build(compiler, source, flags, target)
+            _build(compiler, path, flags, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
         warnings.warn(f"reste_timm: building {name} failed, its torch implementation runs instead (slower): "
@@ -107,5 +116,5 @@ def load_library(name: str, extra_flags: Sequence[str] = ()) -> Optional[ctypes.
         return _libraries[cache_key]
     with _lock:
         if cache_key not in _libraries:
-            _libraries[cache_key] = _open(path.name, path.read_text(), flags)
+            _libraries[cache_key] = _open(path, flags)
         return _libraries[cache_key]

@@ -1,0 +1,265 @@
+/* bitconv_microkernels.h -- the xor-popcount register tiles, one per SIMD path.
+ * Part of bitconv.c, which includes it once (a single translation unit, so the compiler sees every
+ * function when it inlines the micro-kernels and specializes the epilogue); not a standalone header. */
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* Micro-kernels: raw xor-popcount sums for a tile of BC_P pixels x (16 * nb) output channels             */
+/* ----------------------------------------------------------------------------------------------------- */
+/*
+ * ap[i * BC_P + p]: pointer to the K words of pixel p at active tap i (or a zero buffer), mp likewise for the
+ * mask (mask path only).  wt[i] + wshift: the weights of active tap i in the first block of the call; the
+ * next block is bstride words further.  Words k of tap i: w[k * 16 + lane].  Output pc[p * 16*nb + j] =
+ * sum_i sum_k popcount((a ^ w) [& m]) for output lane j.
+ */
+#if defined(BC_PATH_AVX512)
+
+BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                         const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
+    __m512i acc[BC_P][2 * BC_NB];
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 16
+        for (int j = 0; j < 2 * NB; j++) acc[p][j] = _mm512_setzero_si512();
+    for (int i = 0; i < nact; i++) {
+        const uint64_t *w = wt[i] + wshift;
+        const uint64_t *a[BC_P], *m[BC_P];
+#pragma GCC unroll 16
+        for (int p = 0; p < BC_P; p++) {
+            a[p] = ap[i * BC_P + p];
+            if (MASK) m[p] = mp[i * BC_P + p];
+        }
+        for (int64_t k = 0; k < K; k++) {
+            __m512i wv[2 * BC_NB];
+#pragma GCC unroll 16
+            for (int b = 0; b < NB; b++) {
+                wv[2 * b] = _mm512_loadu_si512((const void *)(w + b * bstride + k * BC_OB));
+                wv[2 * b + 1] = _mm512_loadu_si512((const void *)(w + b * bstride + k * BC_OB + 8));
+            }
+#pragma GCC unroll 16
+            for (int p = 0; p < BC_P; p++) {
+                __m512i av = _mm512_set1_epi64((long long)a[p][k]);
+                if (MASK) {
+                    __m512i mv = _mm512_set1_epi64((long long)m[p][k]);
+#pragma GCC unroll 16
+                    for (int j = 0; j < 2 * NB; j++)  /* (a ^ w) & m in one vpternlogq: imm 0x28 */
+                        acc[p][j] = _mm512_add_epi64(
+                            acc[p][j], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(av, wv[j], mv, 0x28)));
+                } else {
+#pragma GCC unroll 16
+                    for (int j = 0; j < 2 * NB; j++)
+                        acc[p][j] = _mm512_add_epi64(acc[p][j], _mm512_popcnt_epi64(_mm512_xor_si512(av, wv[j])));
+                }
+            }
+        }
+    }
+    /* one 64-byte store per block, so the epilogue's 64-byte load is forwarded from a single store */
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 16
+        for (int b = 0; b < NB; b++)
+            _mm512_storeu_si512((void *)(pc + p * BC_OB * NB + BC_OB * b),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[p][2 * b])),
+                                                   _mm512_cvtepi64_epi32(acc[p][2 * b + 1]), 1));
+}
+
+#define BC_DEF_MK(NB, MASK) \
+    static void mk_##NB##_##MASK(const uint64_t *const *ap, const uint64_t *const *mp, \
+                                 const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) { \
+        mk_avx512(NB, MASK, ap, mp, wt, wshift, nact, bstride, K, pc); \
+    }
+
+#elif defined(BC_PATH_AVX2)
+
+/* Byte-wise popcount of x (vpshufb on the two nibbles), added to the byte accumulator. */
+BC_INLINE __m256i avx2_popacc8(__m256i acc8, __m256i x, __m256i lut, __m256i m4) {
+    __m256i lo = _mm256_and_si256(x, m4);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+    return _mm256_add_epi8(acc8, _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)));
+}
+
+/* Byte counters hold at most 8 per step: flushed to 64-bit lanes (vpsadbw) every 31 steps. */
+BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                       const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
+    (void)NB;
+    (void)bstride;
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i acc8[BC_P][4], acc64[BC_P][4];
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) acc8[p][v] = acc64[p][v] = zero;
+    int steps = 0;
+    for (int i = 0; i < nact; i++) {
+        const uint64_t *w = wt[i] + wshift;
+        const uint64_t *a[BC_P], *m[BC_P];
+#pragma GCC unroll 16
+        for (int p = 0; p < BC_P; p++) {
+            a[p] = ap[i * BC_P + p];
+            if (MASK) m[p] = mp[i * BC_P + p];
+        }
+        for (int64_t k = 0; k < K; k++) {
+            __m256i av[BC_P], mv[BC_P];
+#pragma GCC unroll 16
+            for (int p = 0; p < BC_P; p++) {
+                av[p] = _mm256_set1_epi64x((long long)a[p][k]);
+                if (MASK) mv[p] = _mm256_set1_epi64x((long long)m[p][k]);
+            }
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k * BC_OB + 4 * v));
+#pragma GCC unroll 16
+                for (int p = 0; p < BC_P; p++) {
+                    __m256i x = _mm256_xor_si256(av[p], wv);
+                    if (MASK) x = _mm256_and_si256(x, mv[p]);
+                    acc8[p][v] = avx2_popacc8(acc8[p][v], x, lut, m4);
+                }
+            }
+            if (++steps == 31) {
+                steps = 0;
+#pragma GCC unroll 16
+                for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 4
+                    for (int v = 0; v < 4; v++) {
+                        acc64[p][v] = _mm256_add_epi64(acc64[p][v], _mm256_sad_epu8(acc8[p][v], zero));
+                        acc8[p][v] = zero;
+                    }
+            }
+        }
+    }
+    /* the 64-bit lanes hold counts < 2^31: keep their low 32-bit halves, two vectors per 32-byte store (so
+       the epilogue's 32-byte loads are forwarded from single stores) */
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 2
+        for (int v = 0; v < 4; v += 2) {
+            __m256i s0 = _mm256_add_epi64(acc64[p][v], _mm256_sad_epu8(acc8[p][v], zero));
+            __m256i s1 = _mm256_add_epi64(acc64[p][v + 1], _mm256_sad_epu8(acc8[p][v + 1], zero));
+            __m256i lo0 = _mm256_permutevar8x32_epi32(s0, even), lo1 = _mm256_permutevar8x32_epi32(s1, even);
+            _mm256_storeu_si256((__m256i *)(pc + p * BC_OB + 4 * v), _mm256_permute2x128_si256(lo0, lo1, 0x20));
+        }
+}
+
+#define BC_DEF_MK(NB, MASK) \
+    static void mk_##NB##_##MASK(const uint64_t *const *ap, const uint64_t *const *mp, \
+                                 const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) { \
+        mk_avx2(NB, MASK, ap, mp, wt, wshift, nact, bstride, K, pc); \
+    }
+
+#elif defined(BC_PATH_NEON)
+
+/* vcntq_u8 per byte, vpadalq_u8 into 16-bit lanes (4 per 64-bit word, each gains <= 16 per step), widened
+   into 32-bit accumulators every 2048 steps; the final pairwise add gives one count per 64-bit lane. */
+BC_INLINE void mk_neon(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                       const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
+    (void)NB;
+    (void)bstride;
+    uint16x8_t acc[BC_P][8];
+    uint32x4_t acc32[BC_P][8];
+    for (int p = 0; p < BC_P; p++)
+        for (int v = 0; v < 8; v++) {
+            acc[p][v] = vdupq_n_u16(0);
+            acc32[p][v] = vdupq_n_u32(0);
+        }
+    int steps = 0;
+    for (int i = 0; i < nact; i++) {
+        const uint64_t *w = wt[i] + wshift;
+        const uint64_t *a[BC_P], *m[BC_P];
+        for (int p = 0; p < BC_P; p++) {
+            a[p] = ap[i * BC_P + p];
+            if (MASK) m[p] = mp[i * BC_P + p];
+        }
+        for (int64_t k = 0; k < K; k++) {
+            uint8x16_t av[BC_P], mv[BC_P];
+            for (int p = 0; p < BC_P; p++) {
+                av[p] = vreinterpretq_u8_u64(vdupq_n_u64(a[p][k]));
+                if (MASK) mv[p] = vreinterpretq_u8_u64(vdupq_n_u64(m[p][k]));
+            }
+            for (int v = 0; v < 8; v++) {
+                uint8x16_t wv = vreinterpretq_u8_u64(vld1q_u64(w + k * BC_OB + 2 * v));
+                for (int p = 0; p < BC_P; p++) {
+                    uint8x16_t x = veorq_u8(av[p], wv);
+                    if (MASK) x = vandq_u8(x, mv[p]);
+                    acc[p][v] = vpadalq_u8(acc[p][v], vcntq_u8(x));
+                }
+            }
+            if (++steps == 2048) {
+                steps = 0;
+                for (int p = 0; p < BC_P; p++)
+                    for (int v = 0; v < 8; v++) {
+                        acc32[p][v] = vpadalq_u16(acc32[p][v], acc[p][v]);
+                        acc[p][v] = vdupq_n_u16(0);
+                    }
+            }
+        }
+    }
+    for (int p = 0; p < BC_P; p++)
+        for (int v = 0; v < 8; v++) {
+            uint64x2_t s = vpaddlq_u32(vpadalq_u16(acc32[p][v], acc[p][v]));
+            pc[p * BC_OB + 2 * v] = (int32_t)vgetq_lane_u64(s, 0);
+            pc[p * BC_OB + 2 * v + 1] = (int32_t)vgetq_lane_u64(s, 1);
+        }
+}
+
+#define BC_DEF_MK(NB, MASK) \
+    static void mk_##NB##_##MASK(const uint64_t *const *ap, const uint64_t *const *mp, \
+                                 const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) { \
+        mk_neon(NB, MASK, ap, mp, wt, wshift, nact, bstride, K, pc); \
+    }
+
+#else /* portable */
+
+/* Register tile of 2 pixels x 4 output lanes (8 scalar accumulators), one pass per lane quad over all taps. */
+BC_INLINE void mk_portable(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                           const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K,
+                           int32_t *pc) {
+    (void)NB;
+    (void)bstride;
+    for (int p0 = 0; p0 < BC_P; p0 += 2) {
+        const int p1 = p0 + 1 < BC_P ? p0 + 1 : p0; /* odd tile: the last pixel is computed twice */
+        for (int o = 0; o < BC_OB; o += 4) {
+            uint64_t s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+            for (int i = 0; i < nact; i++) {
+                const uint64_t *a0 = ap[i * BC_P + p0], *a1 = ap[i * BC_P + p1];
+                const uint64_t *m0 = MASK ? mp[i * BC_P + p0] : a0, *m1 = MASK ? mp[i * BC_P + p1] : a1;
+                const uint64_t *w = wt[i] + wshift + o;
+                for (int64_t k = 0; k < K; k++) {
+                    const uint64_t x0 = a0[k], x1 = a1[k];
+                    const uint64_t q0 = MASK ? m0[k] : ~0ULL, q1 = MASK ? m1[k] : ~0ULL;
+                    const uint64_t w0 = w[k * BC_OB], w1 = w[k * BC_OB + 1], w2 = w[k * BC_OB + 2],
+                                   w3 = w[k * BC_OB + 3];
+                    s00 += (uint64_t)pop64((x0 ^ w0) & q0);
+                    s01 += (uint64_t)pop64((x0 ^ w1) & q0);
+                    s02 += (uint64_t)pop64((x0 ^ w2) & q0);
+                    s03 += (uint64_t)pop64((x0 ^ w3) & q0);
+                    s10 += (uint64_t)pop64((x1 ^ w0) & q1);
+                    s11 += (uint64_t)pop64((x1 ^ w1) & q1);
+                    s12 += (uint64_t)pop64((x1 ^ w2) & q1);
+                    s13 += (uint64_t)pop64((x1 ^ w3) & q1);
+                }
+            }
+            int32_t *r0 = pc + p0 * BC_OB + o, *r1 = pc + p1 * BC_OB + o;
+            r0[0] = (int32_t)s00; r0[1] = (int32_t)s01; r0[2] = (int32_t)s02; r0[3] = (int32_t)s03;
+            r1[0] = (int32_t)s10; r1[1] = (int32_t)s11; r1[2] = (int32_t)s12; r1[3] = (int32_t)s13;
+        }
+    }
+}
+
+#define BC_DEF_MK(NB, MASK) \
+    static void mk_##NB##_##MASK(const uint64_t *const *ap, const uint64_t *const *mp, \
+                                 const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) { \
+        mk_portable(NB, MASK, ap, mp, wt, wshift, nact, bstride, K, pc); \
+    }
+
+#endif
+
+BC_DEF_MK(1, 0)
+BC_DEF_MK(1, 1)
+#if BC_NB >= 2
+BC_DEF_MK(2, 0)
+BC_DEF_MK(2, 1)
+#endif
+

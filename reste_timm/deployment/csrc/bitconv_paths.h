@@ -1,0 +1,100 @@
+/* bitconv_paths.h -- the SIMD path chosen at compile time, tile sizes, the weight header, small helpers.
+ * Part of bitconv.c, which includes it once (a single translation unit, so the compiler sees every
+ * function when it inlines the micro-kernels and specializes the epilogue); not a standalone header. */
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* Path selection                                                                                         */
+/* ----------------------------------------------------------------------------------------------------- */
+#if defined(BITCONV_PORTABLE)
+#define BC_PATH_PORTABLE 1
+#elif defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && !defined(BITCONV_NO_AVX512)
+#define BC_PATH_AVX512 1
+#elif defined(__AVX2__)
+#define BC_PATH_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define BC_PATH_NEON 1
+#else
+#define BC_PATH_PORTABLE 1
+#endif
+
+#if defined(BC_PATH_AVX512) || defined(BC_PATH_AVX2)
+#include <immintrin.h>
+#endif
+#if defined(BC_PATH_NEON)
+#include <arm_neon.h>
+#endif
+
+/* Output channels per weight block: the packing granularity of the weights and of the epilogue. */
+#define BC_OB 16
+
+/* Tile width BC_P (pixels per register tile) and the largest number of weight blocks one micro-kernel call
+   handles (BC_NB).  Overridable with -D for experiments. */
+#if defined(BC_PATH_AVX512)
+#ifndef BC_P
+#define BC_P 7
+#endif
+#ifndef BC_NB
+#define BC_NB 1
+#endif
+#elif defined(BC_PATH_AVX2)
+#ifndef BC_P
+#define BC_P 2
+#endif
+#define BC_NB 1
+#elif defined(BC_PATH_NEON)
+#ifndef BC_P
+#define BC_P 2
+#endif
+#define BC_NB 1
+#else
+#ifndef BC_P
+#define BC_P 2
+#endif
+#define BC_NB 1
+#endif
+
+/* Packed weight header (8 words = 64 bytes, so the data stays 64-byte aligned if the buffer is). */
+#define BC_MAGIC 0x3157434255ULL /* "UBCW1" */
+enum { BC_MODE_TAPS = 0, BC_MODE_PATCH = 1 };
+enum { H_MAGIC, H_COUT, H_CIN, H_KHKW, H_MODE, H_KW_WORDS, H_NBLK, H_POP_OFF };
+#define BC_HDR 8
+
+BC_INLINE int pop64(uint64_t x) {
+#if defined(__GNUC__)
+    return __builtin_popcountll(x);
+#else
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (int)((x * 0x0101010101010101ULL) >> 56);
+#endif
+}
+
+static int clamp_threads(int nt) {
+    if (nt < 1) nt = 1;
+    return nt;
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* Info                                                                                                   */
+/* ----------------------------------------------------------------------------------------------------- */
+
+/* Name of the compiled code path: "avx512", "avx2", "neon" or "portable". */
+BC_API const char *bitconv_path(void) {
+#if defined(BC_PATH_AVX512)
+    return "avx512";
+#elif defined(BC_PATH_AVX2)
+    return "avx2";
+#elif defined(BC_PATH_NEON)
+    return "neon";
+#else
+    return "portable";
+#endif
+}
+
+/* Tile width (pixels per register tile) of the compiled path; informational. */
+BC_API int bitconv_tile_pixels(void) { return BC_P; }
+
+/* Words per packed input pixel for C channels: ceil(C / 64). */
+BC_API int64_t bitconv_words(int64_t C) { return (C + 63) / 64; }
+
