@@ -11,6 +11,16 @@
  * next block is bstride words further.  Words k of tap i: w[k * 16 + lane].  Output pc[p * 16*nb + j] =
  * sum_i sum_k popcount((a ^ w) [& m]) for output lane j.
  */
+/* The activation (and mask) word pointers of active tap i for the BC_P pixels of the tile. */
+BC_INLINE void tap_rows(const int MASK, const uint64_t *const *ap, const uint64_t *const *mp, int i,
+                        const uint64_t **a, const uint64_t **m) {
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++) {
+        a[p] = ap[i * BC_P + p];
+        if (MASK) m[p] = mp[i * BC_P + p];
+    }
+}
+
 #if defined(BC_PATH_AVX512)
 
 BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
@@ -23,11 +33,7 @@ BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap
     for (int i = 0; i < nact; i++) {
         const uint64_t *w = wt[i] + wshift;
         const uint64_t *a[BC_P], *m[BC_P];
-#pragma GCC unroll 16
-        for (int p = 0; p < BC_P; p++) {
-            a[p] = ap[i * BC_P + p];
-            if (MASK) m[p] = mp[i * BC_P + p];
-        }
+        tap_rows(MASK, ap, mp, i, a, m);
         for (int64_t k = 0; k < K; k++) {
             __m512i wv[2 * BC_NB];
 #pragma GCC unroll 16
@@ -95,11 +101,7 @@ BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, 
     for (int i = 0; i < nact; i++) {
         const uint64_t *w = wt[i] + wshift;
         const uint64_t *a[BC_P], *m[BC_P];
-#pragma GCC unroll 16
-        for (int p = 0; p < BC_P; p++) {
-            a[p] = ap[i * BC_P + p];
-            if (MASK) m[p] = mp[i * BC_P + p];
-        }
+        tap_rows(MASK, ap, mp, i, a, m);
         for (int64_t k = 0; k < K; k++) {
             __m256i av[BC_P], mv[BC_P];
 #pragma GCC unroll 16
@@ -168,10 +170,7 @@ BC_INLINE void mk_neon(const int NB, const int MASK, const uint64_t *const *ap, 
     for (int i = 0; i < nact; i++) {
         const uint64_t *w = wt[i] + wshift;
         const uint64_t *a[BC_P], *m[BC_P];
-        for (int p = 0; p < BC_P; p++) {
-            a[p] = ap[i * BC_P + p];
-            if (MASK) m[p] = mp[i * BC_P + p];
-        }
+        tap_rows(MASK, ap, mp, i, a, m);
         for (int64_t k = 0; k < K; k++) {
             uint8x16_t av[BC_P], mv[BC_P];
             for (int p = 0; p < BC_P; p++) {
