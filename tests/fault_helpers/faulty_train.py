@@ -84,21 +84,10 @@ def _on_training_batch(fault):
 
 
 def nan_at(train, epoch: str, step: str) -> None:
-    states, fired = [], []
+    def poison(x, y, accelerator):
+        return torch.full_like(x, float("nan")), y
 
-    class TrackedState(train.TrainState):
-        def __init__(self):
-            super().__init__()
-            states.append(self)
-
-    def fault(x, y, accelerator):
-        if not fired and (states[0].epoch, states[0].step_in_epoch) == (int(epoch), int(step)):
-            fired.append(True)
-            x = torch.full_like(x, float("nan"))
-        return x, y
-
-    train.TrainState = TrackedState
-    _on_training_batch(fault)
+    _at_training_batch(train, epoch, step, poison)
 
 
 def raise_on_rank(train, rank: str, nth: str) -> None:
@@ -114,7 +103,7 @@ def raise_on_rank(train, rank: str, nth: str) -> None:
 
 
 def _at_training_batch(train, epoch: str, step: str, action) -> None:
-    """Calls ``action(accelerator)`` once, as the training batch of (epoch, step) starts."""
+    """Runs ``x, y = action(x, y, accelerator)`` once, as the training batch of (epoch, step) starts."""
     states, fired = [], []
 
     class TrackedState(train.TrainState):
@@ -125,7 +114,7 @@ def _at_training_batch(train, epoch: str, step: str, action) -> None:
     def fault(x, y, accelerator):
         if not fired and (states[0].epoch, states[0].step_in_epoch) == (int(epoch), int(step)):
             fired.append(True)
-            action(accelerator)
+            x, y = action(x, y, accelerator)
         return x, y
 
     train.TrainState = TrackedState
@@ -133,9 +122,10 @@ def _at_training_batch(train, epoch: str, step: str, action) -> None:
 
 
 def signal_at(train, epoch: str, step: str, name: str = "SIGTERM", rank: str = "") -> None:
-    def send(accelerator):
+    def send(x, y, accelerator):
         if rank == "" or accelerator.process_index == int(rank):
             os.kill(os.getpid(), getattr(signal, name))
+        return x, y
 
     _at_training_batch(train, epoch, step, send)
 
@@ -143,9 +133,10 @@ def signal_at(train, epoch: str, step: str, name: str = "SIGTERM", rank: str = "
 def signal_twice_at(train, epoch: str, step: str) -> None:
     sent = []
 
-    def first(accelerator):
+    def first(x, y, accelerator):
         os.kill(os.getpid(), signal.SIGTERM)
         sent.append(True)
+        return x, y
 
     _at_training_batch(train, epoch, step, first)
     real = accelerate.utils.other.safe_save_file
@@ -162,12 +153,13 @@ def signal_twice_at(train, epoch: str, step: str) -> None:
 def wait_at(train, epoch: str, step: str, *file: str) -> None:
     ready = Path(":".join(file))
 
-    def wait(accelerator):
+    def wait(x, y, accelerator):
         ready.write_text(str(os.getpid()))
         go = ready.with_name(ready.name + ".go")
         deadline = time.monotonic() + 120
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+        return x, y
 
     _at_training_batch(train, epoch, step, wait)
 
