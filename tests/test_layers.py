@@ -295,7 +295,7 @@ def test_weight_gradient_op_equals_the_composition(estimator, dtype):
     """scaled_sign_grad, the binary weight's gradient in the conv op's backward, against
     autograd through est(w) * mean(|w|) op by op."""
     from reste_timm.nn.binary_conv import scaled_sign_grad
-    from reste_timm.nn.estimators import get_estimator
+    from reste_timm.nn.estimators import get_estimator, native_plan
 
     torch.manual_seed(3)
     w = torch.randn(16, 16, 3, 3, dtype=dtype, requires_grad=True)
@@ -303,7 +303,8 @@ def test_weight_gradient_op_equals_the_composition(estimator, dtype):
     up = torch.randn(composed.shape, dtype=dtype)
     composed.backward(up)
     est = get_estimator(estimator)
-    got = scaled_sign_grad(w.detach(), up, w.detach().abs().mean(), est.hyperparameters(2.5, 0.4), est.kind)
+    hp = est.hyperparameters(2.5, 0.4)
+    got = scaled_sign_grad(w.detach(), up, w.detach().abs().mean(), hp, est.kind, native_plan(est.kind, hp))
     # float64 runs autograd's own ops in its order: equal to rounding; the float32 ReSTE weight takes
     # the C loop (FMA, a double sum): a few ulps.
     tol = 1e-12 if dtype == torch.float64 else 2e-6

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .estimators import native_fits, native_plan, sign_grad_torch
+from .kernels import Plan
 
 __all__ = ["binary_conv2d", "binary_conv2d_backward", "conv_arguments", "scaled_sign_grad"]
 
@@ -39,14 +40,19 @@ def _unpack(conv: List[int]):
 
 
 def scaled_sign_grad(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, hp: torch.Tensor, kind: str,
-                     native: bool = True) -> torch.Tensor:
+                     plan: Optional[Plan] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient for ``w`` of ``est(w) * mean(|w|)``, through the estimator and through the scale:
     ``f(w) * grad * scale + sign(w) * sum(grad * sign(w)) / N``, in the order autograd computes it for
-    the composition (with ``native``, one C call on CPU for float32 ReSTE, summing in double)."""
-    calls = native_plan(kind, hp) if native and native_fits(w, grad) else None
-    if calls is not None and scale.dtype == torch.float32:
-        out = torch.empty_like(grad)
-        calls.weight_grad(w, grad, scale, out)
+    the composition.
+
+    Args:
+        plan: :func:`~reste_timm.nn.estimators.native_plan`'s C calls: where the float32 CPU tensors fit,
+            one C call (summing in double); None for autograd's ops.
+        out: Where the C call writes (``grad`` itself may be given); a new tensor when None.
+    """
+    if plan is not None and native_fits(w, grad) and scale.dtype == torch.float32:
+        out = torch.empty_like(grad) if out is None else out
+        plan.weight_grad(w, grad, scale, out)
         return out
     sign_w = torch.sign(w)
     through_scale = sign_w * ((grad * sign_w).sum() / w.numel())
@@ -100,23 +106,22 @@ def _backward_impl(grad, x, w, bw, scale, hp, conv, kind, output_mask, native):
         grad_x = torch.ops.aten.convolution_backward(
             grad, x if x.dtype == bw.dtype else torch.empty_like(x, dtype=bw.dtype), bw, bias_sizes, stride,
             padding, dilation, False, [0, 0], groups, [True, False, False])[0]
-    inp = x
+    inp = x  # the conv's input as the weight gradient reads it: sign(x) for 1W/1A
     if binarize_input and need_x and plan is not None and native_fits(x, grad_x):
-        inp = torch.empty_like(x)
-        plan.grad(x, grad_x, grad_x, inp)  # in place: the estimator's gradient and sign(x), one pass
+        inp = torch.empty_like(x) if need_w or need_b else None
+        plan.grad(x, grad_x, grad_x, inp)  # in place: the estimator's gradient (and sign(x)), one pass
     elif binarize_input:
         grad_x = sign_grad_torch(x, grad_x, hp, kind) if need_x else grad_x
-        inp = torch.sign(x)
+        inp = torch.sign(x) if need_w or need_b else None
     if need_w or need_b:
         _, grad_bw, grad_bias = torch.ops.aten.convolution_backward(
             grad, inp if inp.dtype == bw.dtype else inp.to(bw.dtype), bw, bias_sizes, stride, padding,
             dilation, False, [0, 0], groups, [False, need_w, need_b])
         grad_b = grad_bias if need_b else grad_b
-        if need_w and plan is not None and native_fits(w, grad_bw) and scale.dtype == torch.float32:
-            plan.weight_grad(w, grad_bw, scale, grad_bw)  # in place into the conv's fresh gradient
-            grad_w = grad_bw
-        elif need_w:
-            grad_w = scaled_sign_grad(w, grad_bw.to(w.dtype), scale, hp, kind, native=False)
+        if need_w:
+            # the C loop writes into the conv's fresh float32 gradient; other dtypes take autograd's ops
+            native = plan if grad_bw.dtype == w.dtype else None
+            grad_w = scaled_sign_grad(w, grad_bw.to(w.dtype), scale, hp, kind, native, out=grad_bw)
     return grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype), grad_w, grad_b
 
 

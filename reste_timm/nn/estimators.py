@@ -32,7 +32,7 @@ from . import kernels
 __all__ = [
     "RESTE_INTERVAL", "RESTE_THRESHOLD", "Estimator", "approxsign_factor", "ede_factor", "ede_parameters",
     "get_estimator", "hyperparameters", "list_estimators", "native_fits", "native_kernels",
-    "native_kernels_enabled", "native_plan", "register_estimator", "reste_equivalent_forward", "reste_factor",
+    "native_plan", "register_estimator", "reste_equivalent_forward", "reste_factor",
     "reste_values", "sign_approx", "sign_ede", "sign_grad", "sign_grad_torch", "sign_reste", "sign_ste",
     "ste_factor",
 ]
@@ -134,11 +134,6 @@ def native_kernels(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _native.reset(token)
-
-
-def native_kernels_enabled() -> bool:
-    """Whether :func:`native_kernels` allows the C kernels here (the default)."""
-    return _native.get()
 
 
 def hyperparameters(o: Number = 1.0, progress: Number = 0.0, t: float = RESTE_THRESHOLD,
