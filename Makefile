@@ -52,7 +52,6 @@ wheel:
 $(MIN_VENV)/.installed: pyproject.toml .ci/floors.py
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
-	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS)
 	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS) $(FLOORS) pytest onnx onnxscript onnxruntime matplotlib tensorboard
 	touch $@
 
