@@ -65,6 +65,8 @@ def test_every_shipped_config_parses_to_its_own_values():
     ({"cal_ind": "yes"}, "key 'cal_ind'", "'yes'"),
     ({"cpu_malloc_tuning": 1}, "key 'cpu_malloc_tuning'", "1"),
     ({"anneal": "hourly"}, "key 'anneal'", "'hourly'"),
+    ({"anneal": None}, "key 'anneal'", "no value given"),  # a flag with choices, not a type
+    ({"epochs": None}, "key 'epochs'", "no value given"),
     ("epochs: [1, 2", "not valid YAML", None),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys, data, where, value):

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..files import first_line
+
 __all__ = ["ConfigError", "build_parser", "packaged_configs", "parse_config", "resolve_config",
            "validate_config"]
 
@@ -114,8 +116,8 @@ def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
         return value
     if value is None:
         if action.default is not None:  # `epochs:` left empty: no value for a flag that needs one
-            raise ConfigError(f"{where}: no value given (expected {action.type.__name__}, "
-                              f"default {action.default!r})")
+            expected = getattr(action.type, "__name__", "a value")  # a flag of choices has no type
+            raise ConfigError(f"{where}: no value given (expected {expected}, default {action.default!r})")
         return None
     if isinstance(value, (dict, list)):
         raise ConfigError(f"{where}: expected a single value, got {_shown(value)}")
@@ -168,8 +170,7 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, 
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # PyYAML's int() refuses 4,300+ digits
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{path}: not valid YAML ({_shown(first, 120)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_shown(first_line(e), 120)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
