@@ -100,9 +100,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through a temp file in the same folder, fsync and ``os.replace``.
 
     A crash, a full disk or any error leaves either the old file or the new one, never a truncated
-    one under the real name; the temp file is removed on failure.
+    one under the real name; the temp file is removed on failure. The temp file keeps ``path``'s
+    suffix (``torch.export.save`` insists on ``.pt2``).
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -121,3 +121,12 @@ def test_export_command_names_a_bad_checkpoint(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "m.onnx").exists()
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("reste-timm export: error:") and str(tmp_path / "bad" / "config.json") in line
+
+
+def test_input_size_of_prefers_the_given_size_then_the_models_cfg():
+    from reste_timm.deployment.export import input_size_of
+
+    model = timm.create_model("resnet20_1w1a_reste")
+    assert tuple(input_size_of(model)) == (3, 32, 32)
+    assert tuple(input_size_of(model, (3, 16, 16))) == (3, 16, 16)
+    assert input_size_of(torch.nn.Linear(2, 2)) is None

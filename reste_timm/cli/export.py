@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..deployment.bitwise import bitwise_available
-from ..deployment.export import export_onnx, export_pt2
+from ..deployment.export import ONNX_OPSET, export_onnx, export_pt2, input_size_of
 from ..deployment.networks import load_packed
 from ..files import CheckpointError
 from ..hub.packed import export_packed
@@ -53,7 +53,7 @@ def _pt2(model: nn.Module, args) -> str:
 
 def _deploy(model: nn.Module, args) -> str:
     folder = export_packed(model, args.out, float_dtype="float32")
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 32, 32)
+    size = input_size_of(model, args.input_size) or (3, 32, 32)
     deployed = load_packed(folder, deploy=True)
     with torch.no_grad():  # the folder deploys here, and predicts as the model it came from
         x = torch.randn(1, *size)
@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--float-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                         help="packed: dtype of the non-binary tensors")
     parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                        help="onnx, pt2: the traced input's size (default: the model's pretrained_cfg)")
-    parser.add_argument("--opset", type=int, default=18, help="onnx: opset version (>= 17)")
+                        help="onnx, pt2, deploy: the (traced, checked) input's size (default: the model's "
+                             "pretrained_cfg)")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help="onnx: opset version (>= 17)")
     return parser
 
 

@@ -11,8 +11,6 @@ computes in eval mode: ``sign(w) * mean(|w|)`` is exact in any float type.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..files import PathLike, fsync_dir
+from ..files import PathLike, atomic_write
 from ..nn.layers import BinaryConv2d
 
-__all__ = ["SignWeightConv2d", "export_form", "export_onnx", "export_pt2"]
+__all__ = ["ONNX_OPSET", "SignWeightConv2d", "export_form", "export_onnx", "export_pt2", "input_size_of"]
 
 ONNX_OPSET = 18
 
@@ -74,26 +72,22 @@ def export_form(model: nn.Module) -> nn.Module:
     return model
 
 
+def input_size_of(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Optional[Sequence[int]]:
+    """``input_size`` when given, else the model's ``pretrained_cfg["input_size"]`` (None if it has none)."""
+    return input_size or (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+
+
 def _example(model: nn.Module, input_size: Optional[Sequence[int]], batch: int) -> torch.Tensor:
-    size = input_size or (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    size = input_size_of(model, input_size)
     if not size:
         raise ValueError("input size unknown: pass input_size=(C, H, W) (the model has no pretrained_cfg)")
     param = next(model.parameters())
     return torch.randn(batch, *size, device=param.device, dtype=param.dtype)
 
 
-def _write_atomically(path: Path, write) -> Path:
-    """Writes through a temp file in the same folder and renames it: never half a file under ``path``."""
+def _write_file(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, write)
     return path
 
 
@@ -121,7 +115,7 @@ def export_onnx(model: nn.Module, path: PathLike, input_size: Optional[Sequence[
                           input_names=["pixel_values"], output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
 
-    return _write_atomically(Path(path), write)
+    return _write_file(Path(path), write)
 
 
 def export_pt2(model: nn.Module, path: PathLike, input_size: Optional[Sequence[int]] = None) -> Path:
@@ -130,4 +124,4 @@ def export_pt2(model: nn.Module, path: PathLike, input_size: Optional[Sequence[i
     form = export_form(model)
     example = _example(form, input_size, batch=2)
     program = torch.export.export(form, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    return _write_atomically(Path(path), lambda tmp: torch.export.save(program, str(tmp)))
+    return _write_file(Path(path), lambda tmp: torch.export.save(program, str(tmp)))
