@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import PathLike, atomic_write
-from ..nn.layers import BinaryConv2d
+from ..nn.layers import BinaryConv2d, replace_binary_layers
 
 __all__ = ["ONNX_OPSET", "SignWeightConv2d", "export_form", "export_onnx", "export_pt2", "input_size_of"]
 
@@ -55,18 +55,10 @@ class SignWeightConv2d(nn.Module):
         return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
-def _swap(module: nn.Module, make) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, BinaryConv2d):
-            setattr(module, name, make(child))
-        else:
-            _swap(child, make)
-
-
 def export_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every binary conv as a :class:`SignWeightConv2d`."""
     model = copy.deepcopy(model).eval()
-    _swap(model, SignWeightConv2d)
+    replace_binary_layers(model, SignWeightConv2d)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..files import PathLike
 from ..hub.packed import load_packed as load_packed_float
 from ..models import BinaryResNet, CifarResNet, VGGSmall
-from ..nn.layers import BinaryConv2d
+from ..nn.layers import BinaryConv2d, replace_binary_layers
 from .bitwise import BitwiseConv2d, bitwise_available, bn_affine, pack_signs
 
 __all__ = ["deploy", "load_packed"]
@@ -45,7 +45,8 @@ class _Packed:
 
     __slots__ = ("value", "bits", "mask")
 
-    def __init__(self, value: Optional[torch.Tensor], bits: torch.Tensor, mask: Optional[torch.Tensor]):
+    def __init__(self, value: Optional[torch.Tensor], bits: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor]):
         self.value, self.bits, self.mask = value, bits, mask
 
     @classmethod
@@ -67,15 +68,15 @@ class _Step(nn.Module):
             self.register_buffer("alpha", alpha)
             self.register_buffer("beta", beta)
 
-    def forward(self, x: _Packed, residual: Optional[torch.Tensor] = None,
-                need_value: bool = True) -> _Packed:
+    def forward(self, x: _Packed, residual: Optional[torch.Tensor] = None, need_value: bool = True,
+                need_bits: bool = True) -> _Packed:
         if self.bitwise is None:
             out = self.bn(torch.relu(self.conv(x.value)))
-            out = out if residual is None else out + residual
-            return _Packed.of(out.contiguous(memory_format=torch.channels_last))
+            out = (out if residual is None else out + residual).contiguous(memory_format=torch.channels_last)
+            return _Packed.of(out) if need_bits else _Packed(out, None, None)
         y, bits, mask = self.bitwise.packed(x.bits, x.mask, relu=True, bn=(self.alpha, self.beta),
-                                            residual=residual, out_float=need_value, out_bits=True)
-        return _Packed(y if need_value else None, bits, mask)
+                                            residual=residual, out_float=need_value, out_bits=need_bits)
+        return _Packed(y if need_value else None, bits if need_bits else None, mask)
 
 
 class _DeployedResNet(nn.Module):
@@ -142,23 +143,11 @@ class _DeployedVGGSmall(nn.Module):
         h = _Packed.of(x)
         for i, step in enumerate(self.steps, start=1):
             pool = getattr(m, f"pool{i}", None)
-            h = step(h, need_value=pool is not None)
+            h = step(h, need_value=pool is not None, need_bits=pool is None)  # a pool packs after itself
             if pool is not None:
                 value = pool(h.value).contiguous(memory_format=torch.channels_last)
-                h = _Packed.of(value) if i < 5 else _Packed(value, h.bits, h.mask)
+                h = _Packed.of(value) if i < 5 else _Packed(value, None, None)
         return m.forward_head(h.value)
-
-
-def _swap_layers(model: nn.Module) -> int:
-    count = 0
-    for name, child in list(model.named_children()):
-        bitwise = _bitwise(child)
-        if bitwise is not None:
-            setattr(model, name, bitwise)
-            count += 1
-        else:
-            count += _swap_layers(child)
-    return count
 
 
 def deploy(model: nn.Module) -> nn.Module:
@@ -168,21 +157,23 @@ def deploy(model: nn.Module) -> nn.Module:
     get whole blocks fused; any other model gets each 1W/1A ``BinaryConv2d`` replaced. The source model
     is not changed. Without a C compiler this warns once and returns the eval copy unchanged.
     """
-    model = copy.deepcopy(model).float().cpu().eval()
+    return _deployed(copy.deepcopy(model))
+
+
+def _deployed(model: nn.Module) -> nn.Module:
+    """:func:`deploy` on a model of its own (changed in place where it is not wrapped)."""
+    model = model.float().cpu().eval()
     if not bitwise_available():
         warnings.warn("reste_timm.deploy: the bitwise kernel could not be built (no C compiler): the model "
-                      "keeps its float weights", RuntimeWarning, stacklevel=2)
+                      "keeps its float weights", RuntimeWarning, stacklevel=3)
         return model
     features_only = getattr(model, "forward_head", None) is None
     if isinstance(model, (CifarResNet, BinaryResNet)) and not features_only:
         return _DeployedResNet(model).eval()
     if isinstance(model, VGGSmall) and not features_only:
         return _DeployedVGGSmall(model).eval()
-    _swap_layers(model)
+    replace_binary_layers(model, lambda layer: _bitwise(layer) or layer)
     return model
-
-
-_deploy = deploy  # load_packed's argument of the same name shadows it
 
 
 def load_packed(folder: PathLike, deploy: bool = False, **kwargs) -> nn.Module:
@@ -195,4 +186,4 @@ def load_packed(folder: PathLike, deploy: bool = False, **kwargs) -> nn.Module:
         **kwargs: As :func:`reste_timm.hub.load_packed` (``device``, ``cache_weights``, timm overrides).
     """
     model = load_packed_float(folder, **kwargs)
-    return _deploy(model) if deploy else model
+    return _deployed(model) if deploy else model  # a fresh model: no copy needed

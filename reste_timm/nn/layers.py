@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from .binary_conv import binary_conv2d, conv_arguments
 from .estimators import check_exponent, get_estimator
 
-__all__ = ["BinaryConv2d", "binary_layers", "set_exponent", "set_progress", "set_weight_cache"]
+__all__ = ["BinaryConv2d", "binary_layers", "replace_binary_layers", "set_exponent", "set_progress",
+           "set_weight_cache"]
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -139,6 +140,16 @@ class BinaryConv2d(nn.Conv2d):
 def binary_layers(model: nn.Module) -> Iterator[BinaryConv2d]:
     """Every :class:`BinaryConv2d` of a model, found by type (not by parameter names)."""
     return (m for m in model.modules() if isinstance(m, BinaryConv2d))
+
+
+def replace_binary_layers(model: nn.Module, make: Callable[[BinaryConv2d], nn.Module]) -> None:
+    """Replaces, in place, every :class:`BinaryConv2d` child of ``model`` (at any depth) with
+    ``make(layer)``; ``make`` may return the layer itself to keep it."""
+    for name, child in model.named_children():
+        if isinstance(child, BinaryConv2d):
+            setattr(model, name, make(child))
+        else:
+            replace_binary_layers(child, make)
 
 
 def set_exponent(model: nn.Module, o: float) -> int:
