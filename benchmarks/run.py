@@ -42,6 +42,7 @@ import reste_timm  # noqa: E402, F401  (registers the models)
 from reste_timm.analysis import summary  # noqa: E402
 from reste_timm.hub import export_packed, load_packed  # noqa: E402
 from reste_timm.nn.estimators import hyperparameters, native_kernels, sign  # noqa: E402
+from reste_timm.nn.native import cpuinfo_line  # noqa: E402
 from reste_timm.train.allocator import tune_cpu_allocator  # noqa: E402
 
 _PARTS = ("estimator", "training", "packed", "deploy")
@@ -266,13 +267,8 @@ def _print_packed(res: dict) -> None:
 
 def _cpu_model() -> str:
     """The CPU's name (the figures are this machine's)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() in ("model name", "Model", "CPU part"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    line = cpuinfo_line("model name", "Model", "CPU part")
+    return line.split(":", 1)[1].strip() if line else platform.processor() or "unknown"
 
 
 def _commit() -> str:

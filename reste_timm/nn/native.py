@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-__all__ = ["BASE_FLAGS", "cpu_features", "load_library", "native_enabled"]
+__all__ = ["BASE_FLAGS", "cpu_features", "cpuinfo_line", "load_library", "native_enabled"]
 
 # No -ffast-math: NaN, comparisons and rounding keep IEEE semantics. The two -fno flags only let the
 # compiler assume no errno and no FP traps (unused here), which it needs to if-convert and vectorize;
@@ -47,16 +47,21 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def cpu_features() -> str:
-    """The CPU's feature flags: -march=native code built on one CPU may not run on another that shares
-    the cache folder (a home directory on a cluster), so they are part of the library's name."""
+def cpuinfo_line(*keys: str) -> Optional[str]:
+    """The first line of ``/proc/cpuinfo`` whose field name is one of ``keys`` (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() in ("flags", "Features"):
+            if line.split(":")[0].strip() in keys:
                 return line
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def cpu_features() -> str:
+    """The CPU's feature flags: -march=native code built on one CPU may not run on another that shares
+    the cache folder (a home directory on a cluster), so they are part of the library's name."""
+    return cpuinfo_line("flags", "Features") or platform.processor()
 
 
 def _sources(path: Path) -> str:
