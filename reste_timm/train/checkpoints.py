@@ -17,9 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-import torch
-
 from ..files import WriteError, fsync_dir, fsync_file, write_reason
+from .collective import agree
 
 __all__ = ["MetricsLog", "count_failures", "latest_checkpoint", "remove_partial_checkpoints",
            "save_checkpoint"]
@@ -39,10 +38,7 @@ def count_failures(accelerator, error: Optional[BaseException]) -> int:
     With several processes this is one all-reduce, so a process whose write failed tells the others
     instead of leaving them waiting for it in the next collective.
     """
-    if accelerator.num_processes == 1:
-        return int(error is not None)
-    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-    return int(accelerator.reduce(failed, reduction="sum").item())
+    return int(agree(accelerator, error is not None, "sum"))
 
 
 def _discard(folder: Path) -> None:

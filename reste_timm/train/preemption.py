@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import torch
+from .collective import agree
 
 __all__ = ["EXIT_PREEMPTED", "PREEMPTION_SIGNALS", "Preempted", "PreemptionWatch",
            "ignore_preemption_signals"]
@@ -82,10 +82,7 @@ class PreemptionWatch:
         Every process must call it at the same points (after the same optimizer step), so that
         all of them stop together.
         """
-        if accelerator.num_processes == 1:
-            return self.received
-        flag = torch.tensor([float(self.signum)], device=accelerator.device)
-        signum = int(accelerator.reduce(flag, reduction="max").item())
+        signum = int(agree(accelerator, self.signum, "max"))
         return signal.Signals(signum).name if signum else None
 
 
