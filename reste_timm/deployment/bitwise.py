@@ -33,7 +33,6 @@ _SOURCE = str(Path(__file__).parent / "csrc" / "bitconv.c")
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "bitconv_path": ([], ctypes.c_char_p),
-    "bitconv_words": ([_I64], _I64),
     "bitconv_weight_words": ([_I64, _I64, _INT, _INT, _INT], _I64),
     "bitconv_pack_weights": ([_P, _I64, _I64, _INT, _INT, _INT, _P], _I64),
     "bitconv_pack_signs_nhwc": ([_P, _I64, _I64, _P, _P, _INT], _I64),

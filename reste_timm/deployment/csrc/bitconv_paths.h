@@ -91,10 +91,3 @@ BC_API const char *bitconv_path(void) {
     return "portable";
 #endif
 }
-
-/* Tile width (pixels per register tile) of the compiled path; informational. */
-BC_API int bitconv_tile_pixels(void) { return BC_P; }
-
-/* Words per packed input pixel for C channels: ceil(C / 64). */
-BC_API int64_t bitconv_words(int64_t C) { return (C + 63) / 64; }
-
