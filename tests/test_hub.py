@@ -207,6 +207,21 @@ def test_registered_name_loads_its_hf_hub_id_once_weights_are_published(hub, sou
         hub.remove_repo(REGISTERED_REPO)
 
 
+def test_registered_name_offline_finds_its_weights_in_the_given_cache_dir(hub, folder, tmp_path):
+    # check_published looks in the cache timm was given, not only the default one
+    hub.add_repo(REGISTERED_REPO, {})
+    try:
+        _publish(hub, REGISTERED_REPO, folder)
+        timm.create_model(MODEL, pretrained=True, cache_dir=tmp_path / "cache")  # downloads there
+        code = ("import timm, reste_timm\n"
+                f"timm.create_model({MODEL!r}, pretrained=True, cache_dir={str(tmp_path / 'cache')!r})\n"
+                "print('loaded')")
+        proc = run_script([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0 and proc.stdout.split() == ["loaded"], proc.stderr[-2000:]
+    finally:
+        hub.remove_repo(REGISTERED_REPO)
+
+
 @pytest.mark.parametrize("status", [404, 401])
 @pytest.mark.parametrize("load", ["create_model", "load_model"])
 def test_unpublished_pretrained_fails_within_seconds_naming_the_model(hub, status, load):

@@ -204,7 +204,7 @@ def _check_registry_weights(name: str, pretrained_cfg: Any, overlay: Optional[Ma
         where = Path(cfg["file"])
         found = _read_shapes(where, allow_pickle)
     elif cfg.get("hf_hub_id"):
-        check_published(arch, pretrained_cfg or tag or None, overlay)  # a reserved id without weights
+        check_published(arch, pretrained_cfg or tag or None, overlay, cache_dir)  # a reserved id, empty
         where = _hub_weights(cfg["hf_hub_id"], cfg.get("hf_hub_filename"), cache_dir, allow_pickle)
         found = _read_shapes(where, allow_pickle)
     elif cfg.get("url") and not allow_pickle:  # timm reads a URL with torch.load

@@ -28,7 +28,8 @@ def build_checked(cls, variant: str, pretrained: bool, **kwargs):
     """``build_model_with_cfg`` with the checkpoint filter, after :func:`check_published` when
     ``pretrained``: a registered model without published weights fails at once, naming itself."""
     if pretrained:
-        check_published(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        check_published(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
+                        kwargs.get("cache_dir"))
     return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=strict_pretrained_filter,
                                 **kwargs)
 

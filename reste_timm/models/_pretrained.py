@@ -17,7 +17,7 @@ from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import build_hf_headers, get_session
 from timm.models import resolve_pretrained_cfg
 
-from ..files import WEIGHTS_NAME, CheckpointError, first_line
+from ..files import WEIGHTS_NAME, CheckpointError, PathLike, first_line
 
 __all__ = ["HUB_ORG", "WeightsUnavailableError", "check_published", "hub_id"]
 
@@ -59,11 +59,13 @@ def _hub_answer(repo: str, filename: str, revision: Optional[str]) -> str:
     return f"the Hub answered HTTP {response.status_code}"
 
 
-def check_published(arch: str, pretrained_cfg: Any = None, overlay: Optional[dict] = None) -> None:
+def check_published(arch: str, pretrained_cfg: Any = None, overlay: Optional[dict] = None,
+                    cache_dir: Optional[PathLike] = None) -> None:
     """Fails fast when ``pretrained=True`` would download the reserved repo of ``arch`` and it is empty.
 
     Weights given another way (``file``, ``state_dict``, ``url``, another repo through ``hf-hub:`` or
-    ``local-dir:``) are not checked here: timm loads those.
+    ``local-dir:``) are not checked here: timm loads those. Weights already in the Hub cache
+    (``cache_dir``, as given to ``timm.create_model``, or the default one) are not asked for again.
 
     Raises:
         WeightsUnavailableError: Naming the model, the repo, and the ways to get weights.
@@ -75,7 +77,7 @@ def check_published(arch: str, pretrained_cfg: Any = None, overlay: Optional[dic
         return
     repo, _, revision = repo_spec.partition("@")
     revision = revision or None
-    if isinstance(try_to_load_from_cache(repo, WEIGHTS_NAME, revision=revision), str):
+    if isinstance(try_to_load_from_cache(repo, WEIGHTS_NAME, cache_dir=cache_dir, revision=revision), str):
         return
     answer = _hub_answer(repo, WEIGHTS_NAME, revision)
     if answer == "found":
