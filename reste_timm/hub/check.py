@@ -59,8 +59,8 @@ def _read_shapes(path: Path, allow_pickle: bool = False) -> Dict[str, Tuple[tupl
     try:
         if path.name.endswith(".safetensors"):
             with safetensors.safe_open(str(path), framework="pt") as f:
-                header = {k: (tuple(f.get_slice(k).get_shape()), _kind(f.get_slice(k).get_dtype()))
-                          for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                header = {k: (tuple(s.get_shape()), _kind(s.get_dtype())) for k, s in slices.items()}
                 if not is_packed(f.metadata()):
                     return header
                 # A packed export (export_packed) is checked as the state dict it unpacks to.
