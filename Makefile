@@ -49,9 +49,12 @@ wheel:
 	rm -rf dist
 	$(PYTHON) -m pip wheel -q --no-deps -w dist .
 
-$(MIN_VENV)/.installed: pyproject.toml .ci/floors.py
+# The pinned torch is the same build in both venvs: .ci/share_torch.py hard-links .venv's copy (5.4 GB of
+# CUDA wheels on x86_64) instead of installing a second one, so pip only adds what the floors need.
+$(MIN_VENV)/.installed: $(VENV)/.installed pyproject.toml .ci/floors.py .ci/share_torch.py
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(PY) .ci/share_torch.py $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS) $(FLOORS) pytest onnx onnxscript onnxruntime matplotlib tensorboard
 	touch $@
 
