@@ -15,6 +15,7 @@ from test_hub import _trained_like
 
 import reste_timm
 from reste_timm.deployment import BitwiseConv2d, bitwise_available, deploy, load_packed
+from reste_timm.deployment import bitwise as bitwise_ops
 from reste_timm.deployment import networks as deploy_networks
 from reste_timm.nn import native
 
@@ -40,6 +41,23 @@ def test_layer_is_exact_over_shapes(k, stride, padding, cin, cout):
     layer = reste_timm.BinaryConv2d(cin, cout, k, stride=stride, padding=padding, bias=cout == 20)
     x = torch.randn(3, cin, 9, 11)
     torch.testing.assert_close(BitwiseConv2d(layer)(x), _exact(layer, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_opcheck_bitwise_ops(zeros):
+    """Schema, fake implementations (static and dynamic shapes) and the dispatcher, as compile and
+    export use them; with the mask path and every epilogue input when ``zeros``."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 70, 6, 7)
+    if zeros:
+        x[x.abs() < 0.3] = 0.0
+    torch.library.opcheck(torch.ops.reste_timm.pack_signs.default, (x,))
+    layer = reste_timm.BinaryConv2d(70, 20, 3, stride=2, padding=1, bias=zeros)
+    bitwise, (bits, mask, _) = BitwiseConv2d(layer), bitwise_ops.pack_signs(x)
+    epilogue = (torch.randn(20), torch.rand(20), torch.randn(20), torch.randn(2, 20, 3, 4)) if zeros else ()
+    conv = bitwise_ops.conv_list(bitwise.shape, bitwise.stride, bitwise.padding, relu=zeros, out_bits=zeros)
+    args = (bits, mask if zeros else None, bitwise.weight_bits, conv, bitwise.scale, *epilogue)
+    torch.library.opcheck(torch.ops.reste_timm.bitwise_conv2d.default, args)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -26,8 +26,8 @@ import torch.nn as nn
 from ..nn.layers import BinaryConv2d
 from ..nn.native import load_library
 
-__all__ = ["BitwiseConv2d", "Kernel", "bitwise_available", "bitwise_conv2d", "bn_affine", "kernel",
-           "kernel_path", "pack_signs"]
+__all__ = ["BitwiseConv2d", "Kernel", "bitwise_available", "bitwise_conv2d", "bn_affine", "conv_list",
+           "kernel", "kernel_path", "pack_signs"]
 
 _SOURCE = str(Path(__file__).parent / "csrc" / "bitconv.c")
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -133,54 +133,82 @@ def kernel_path() -> str:
 
 
 # ------------------------------------------------------------------------------------------- the ops
+# Defined with torch.library.define/impl/register_fake rather than custom_op: both are dispatcher ops
+# that torch.compile and torch.export trace through their fake implementations, but custom_op's
+# per-call Python checks cost more than the kernel itself on the small layers of a batch-1 network
+# (docs/performance.md). Inference only: no autograd formula (a gradient through them is an error).
 
-@torch.library.custom_op("reste_timm::pack_signs", mutates_args=())
+torch.library.define("reste_timm::pack_signs", "(Tensor x) -> (Tensor, Tensor, Tensor)")
+torch.library.define("reste_timm::bitwise_conv2d",
+                     "(Tensor bits, Tensor? mask, Tensor weight, int[] conv, float scale, Tensor? bias=None, "
+                     "Tensor? alpha=None, Tensor? beta=None, Tensor? residual=None) "
+                     "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
 def pack_signs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(bits, mask, zeros)``: the signs of a float32 ``(N, C, H, W)`` tensor (contiguous or
     channels_last) packed NHWC, ``int64 [N, H, W, ceil(C/64)]``, bit 1 = negative; the nonzero mask in
-    the same layout; the number of exact zeros (0-d; when 0 the mask is not needed)."""
+    the same layout; the number of exact zeros (0-d; when 0 the mask is not needed). The op
+    ``reste_timm::pack_signs``."""
+    return torch.ops.reste_timm.pack_signs.default(x)
+
+
+@torch.library.impl("reste_timm::pack_signs", "cpu")
+def _pack_signs_cpu(x):
     bits, mask, zeros = kernel().pack_signs(x)
-    return bits, mask, torch.tensor(zeros, dtype=torch.int64)
+    return bits, mask, torch.scalar_tensor(zeros, dtype=torch.int64)
 
 
-@pack_signs.register_fake
+@torch.library.register_fake("reste_timm::pack_signs")
 def _(x):
     n, c, h, w = x.shape
     bits = x.new_empty((n, h, w, _words(c)), dtype=torch.int64)
     return bits, torch.empty_like(bits), x.new_empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("reste_timm::bitwise_conv2d", mutates_args=())
-def bitwise_conv2d(bits: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor, shape: List[int],
-                   stride: List[int], padding: List[int], scale: float, bias: Optional[torch.Tensor],
-                   relu: bool, alpha: Optional[torch.Tensor], beta: Optional[torch.Tensor],
-                   residual: Optional[torch.Tensor], out_float: bool, out_bits: bool
+def conv_list(shape: Sequence[int], stride: Sequence[int], padding: Sequence[int], relu: bool = False,
+              out_float: bool = True, out_bits: bool = False) -> List[int]:
+    """:func:`bitwise_conv2d`'s ``conv`` list, ``[Cout, Cin, KH, KW, sh, sw, ph, pw, relu, out_float,
+    out_bits]``: one argument rather than six, as each argument adds to the op's dispatch cost."""
+    return [*shape, *stride, *padding, int(relu), int(out_float), int(out_bits)]
+
+
+def bitwise_conv2d(bits: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor, conv: List[int],
+                   scale: float, bias: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None,
+                   beta: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The binary conv of packed input bits, with its epilogue; ``(y, bits, mask, zeros)``.
+    """The binary conv of packed input bits, with its epilogue; ``(y, bits, mask, zeros)``. The op
+    ``reste_timm::bitwise_conv2d``.
 
     Args:
         bits, mask: Packed input (``mask`` None when the input has no exact zero).
-        weight: Packed weight words (:meth:`Kernel.pack_weights`); ``shape`` its ``[Cout, Cin, KH, KW]``.
-        stride, padding: Of the conv (dilation 1, groups 1; zero padding).
-        scale: ``mean(|w|)``; then optional ``bias``, ``relu``, ``alpha``/``beta`` (eval BatchNorm) and
+        weight: Packed weight words (:meth:`Kernel.pack_weights`).
+        conv: :func:`conv_list`: the weight's ``[Cout, Cin, KH, KW]``, stride and zero padding
+            (dilation 1, groups 1), whether a relu follows, which outputs to write (float, bits).
+        scale: ``mean(|w|)``; then optional ``bias``, the relu, ``alpha``/``beta`` (eval BatchNorm) and
             ``residual`` (float, channels_last ``(N, Cout, OH, OW)``), in that order.
-        out_float, out_bits: Which outputs to write; the others are returned empty.
 
     Returns:
         ``y`` float32 channels_last ``(N, Cout, OH, OW)``, the output's packed ``bits`` and ``mask``
-        ``int64 [N, OH, OW, ceil(Cout/64)]``, and ``zeros`` (0-d: exact zeros in the output).
+        ``int64 [N, OH, OW, ceil(Cout/64)]`` (empty where not asked), and ``zeros`` (0-d: exact zeros in
+        the output).
     """
-    y, ob, om, zeros = kernel().conv2d(bits, mask, weight, shape, stride, padding, scale, bias, relu, alpha,
-                                       beta, residual, out_float, out_bits)
-    return y, ob, om, torch.tensor(zeros, dtype=torch.int64)
+    return torch.ops.reste_timm.bitwise_conv2d.default(bits, mask, weight, conv, scale, bias, alpha, beta,
+                                                       residual)
 
 
-@bitwise_conv2d.register_fake
-def _(bits, mask, weight, shape, stride, padding, scale, bias, relu, alpha, beta, residual, out_float,
-      out_bits):
-    cout, _, kh, kw = shape
+@torch.library.impl("reste_timm::bitwise_conv2d", "cpu")
+def _bitwise_conv2d_cpu(bits, mask, weight, conv, scale, bias=None, alpha=None, beta=None, residual=None):
+    y, ob, om, zeros = kernel().conv2d(bits, mask, weight, conv[0:4], conv[4:6], conv[6:8], scale, bias,
+                                       bool(conv[8]), alpha, beta, residual, bool(conv[9]), bool(conv[10]))
+    return y, ob, om, torch.scalar_tensor(zeros, dtype=torch.int64)
+
+
+@torch.library.register_fake("reste_timm::bitwise_conv2d")
+def _(bits, mask, weight, conv, scale, bias=None, alpha=None, beta=None, residual=None):
+    cout, _, kh, kw, sh, sw, ph, pw, _, out_float, out_bits = conv
     n, h, w = bits.shape[:3]
-    oh, ow = _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])
+    oh, ow = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
     y = bits.new_empty((n, oh, ow, cout if out_float else 0), dtype=torch.float32).permute(0, 3, 1, 2)
     ob = bits.new_empty((n, oh, ow, _words(cout) if out_bits else 0))
     return y, ob, torch.empty_like(ob), bits.new_empty(())
@@ -240,15 +268,15 @@ class BitwiseConv2d(nn.Module):
         if self.zero_taps is not None:
             return self._packed_with_zero_weights(bits, mask, relu, bn, residual, out_bits)
         alpha, beta = bn if bn is not None else (None, None)
-        y, ob, om, zeros = bitwise_conv2d(bits, mask, self.weight_bits, self.shape, self.stride, self.padding,
-                                          self.scale, self.bias, relu, alpha, beta, residual, out_float,
-                                          out_bits)
+        y, ob, om, zeros = bitwise_conv2d(bits, mask, self.weight_bits,
+                                          conv_list(self.shape, self.stride, self.padding, relu, out_float,
+                                                    out_bits), self.scale, self.bias, alpha, beta, residual)
         return y, ob, (om if out_bits and int(zeros) else None)
 
     def _packed_with_zero_weights(self, bits, mask, relu, bn, residual, out_bits):
         """The integer sums with each zero weight's +1 taken back out, then the epilogue in torch."""
-        dots = bitwise_conv2d(bits, mask, self.weight_bits, self.shape, self.stride, self.padding, 1.0, None,
-                              False, None, None, None, True, False)[0].clone()
+        dots = bitwise_conv2d(bits, mask, self.weight_bits, conv_list(self.shape, self.stride, self.padding),
+                              1.0)[0].clone()
         oh, ow = dots.shape[2:]
         (sh, sw), (ph, pw) = self.stride, self.padding
         planes = {}
