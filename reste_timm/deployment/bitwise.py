@@ -136,7 +136,8 @@ def kernel_path() -> str:
 # Defined with torch.library.define/impl/register_fake rather than custom_op: both are dispatcher ops
 # that torch.compile and torch.export trace through their fake implementations, but custom_op's
 # per-call Python checks cost more than the kernel itself on the small layers of a batch-1 network
-# (docs/performance.md). Inference only: no autograd formula (a gradient through them is an error).
+# (docs/performance.md). Inference only: no autograd formula (asked for a gradient through them, torch
+# warns and gives none; the deployed networks run under no_grad).
 
 torch.library.define("reste_timm::pack_signs", "(Tensor x) -> (Tensor, Tensor, Tensor)")
 torch.library.define("reste_timm::bitwise_conv2d",
