@@ -116,7 +116,7 @@ CONV_CASES = [(k, s, p, c, co) for (k, s, p), (c, co) in itertools.product(
 @pytest.mark.parametrize("zeros", [False, True], ids=["nozero", "zeros"])
 @pytest.mark.parametrize("k,s,p,c,co", CONV_CASES)
 def test_conv_is_the_exact_dot_times_the_scale(kern, k, s, p, c, co, zeros):
-    x = _rand(1 if (k + s + p + c) % 2 else 3, c, 9, 7, zeros, seed=k * 100 + s * 10 + p + c)
+    x = _rand(1 if (k + s + p + c) % 2 else 3, c, 9, 16, zeros, seed=k * 100 + s * 10 + p + c)
     w = _weight(co, c, k, k, seed=c + co)
     dot = _dot(x, w, s, p)
     for threads in (1, 2):
@@ -152,15 +152,17 @@ def _bn(c: int, seed: int) -> torch.nn.BatchNorm2d:
 TORCH_BN_EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-@pytest.mark.parametrize("co", [20, 70])
+@pytest.mark.parametrize("co", [20, 70, 80])
 @pytest.mark.parametrize("bias,relu,affine,res", list(itertools.product([False, True], repeat=4)))
 def test_every_epilogue_equals_the_torch_ops_bit_for_bit(kern, co, bias, relu, affine, res):
-    x, w = _rand(2, 70, 6, 5, False, seed=co), _weight(co, 70, 3, 3, seed=co)
+    # 6 x 16 pixels: border tiles and interior ones (every tap in bounds: the AVX-512 path's direct epilogue);
+    # 80 channels: whole blocks only, the last packed word partly filled.
+    x, w = _rand(2, 70, 6, 16, False, seed=co), _weight(co, 70, 3, 3, seed=co)
     scale = float(w.abs().mean())
     g = torch.Generator().manual_seed(7)
     b = torch.randn(co, generator=g) * scale * 4 if bias else None
     bn = _bn(co, seed=co)
-    r = torch.randn(2, co, 6, 5, generator=g).contiguous(memory_format=torch.channels_last) if res else None
+    r = torch.randn(2, co, 6, 16, generator=g).contiguous(memory_format=torch.channels_last) if res else None
     ref = _dot(x, w, 1, 1).float() * scale  # then the float model's ops, in its order
     ref = ref + b.view(1, -1, 1, 1) if bias else ref
     ref = torch.relu(ref) if relu else ref

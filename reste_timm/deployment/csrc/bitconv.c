@@ -237,69 +237,66 @@ BC_INLINE const int32_t *oob_corr(const bc_conv *restrict A, bc_scratch *restric
 }
 
 /* The fused epilogue of blocks [b0, b0 + nb) of the current tile from the raw counts in S->pc; block-major:
-   per-channel vectors loaded once per block, pointers advanced per pixel. */
+   per-channel vectors loaded once per block.  F: the options, as in epi_vec (-1: read from A). */
 BC_INLINE int64_t epi_blocks(const int F, const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0, int np,
                              int64_t b0, int nb) {
-    /* F >= 0: the epilogue options as compile-time constants (bit 0 bias, 1 relu, 2 affine, 3 residual,
-       4 float out, 5 bits, 6 mask), so each specialization is straight-line code; F < 0: read from A. */
     const int fl = F >= 0 ? F : A->epi_flags;
-    const int has_bias = fl & 1, relu = fl & 2, affine = fl & 4, has_res = fl & 8, has_out = fl & 16,
-              has_bits = fl & 32, has_mask = fl & 64;
-    const int32_t *pc = S->pc;
-    const float scale = A->scale;
-    const float *bias = A->bias, *alpha = A->alpha, *beta = A->beta, *res = A->res;
-    float *out = A->out;
-    const int64_t Cout = A->Cout, Cwo4 = A->Cwo * 4;
-    uint16_t *ob = has_bits ? (uint16_t *)(A->obits + pix0 * A->Cwo) : NULL;
-    uint16_t *om = has_mask ? (uint16_t *)(A->omask + pix0 * A->Cwo) : NULL;
     int64_t zeros = 0;
     for (int j = 0; j < nb; j++) {
-        const int64_t blk = b0 + j, oc0 = blk * BC_OB;
+        const int64_t blk = b0 + j;
+        const int32_t *pc = S->pc + j * BC_OB;
 #if defined(BC_HAVE_V16)
-        if (Cout - oc0 >= BC_OB) {
-            v16 vb = v_load(has_bias ? bias + oc0 : S->fzero);
-            v16 va = affine ? v_load(alpha + oc0) : vb, vc = affine ? v_load(beta + oc0) : vb;
-            const float *rp = has_res ? res + pix0 * Cout + oc0 : NULL;
-            float *op = has_out ? out + pix0 * Cout + oc0 : NULL;
+        if (A->Cout - blk * BC_OB >= BC_OB) {
+            const epi_consts k = epi_load(F, A, blk * BC_OB);
             for (int p = 0; p < np; p++) {
                 const int32_t *corr = S->noob[p] ? oob_corr(A, S, p, blk) : NULL;
-                v16 y = v_dot(S->base[p], pc + p * BC_OB * nb + j * BC_OB, corr, scale);
-                if (has_bias) y = v_add(y, vb);
-                if (relu) y = v_relu(y);
-                if (affine) y = v_fma(y, va, vc);
-                if (has_res) y = v_add(y, v_load(rp + p * Cout));
-                if (has_out) v_store(op + p * Cout, y);
-                if (has_bits) {
-                    uint32_t nz = v_nz(y);
-                    ob[p * Cwo4 + blk] = (uint16_t)v_neg(y);
-                    if (has_mask) om[p * Cwo4 + blk] = (uint16_t)nz;
-                    zeros += BC_OB - pop64(nz);
-                }
+                zeros += epi_vec(F, A, v_dot(S->base[p], pc + p * BC_OB * nb, corr, A->scale), k, pix0 + p, blk);
             }
         } else
 #endif
         {
-            (void)oc0; (void)scale; (void)relu; (void)bias; (void)alpha; (void)beta; (void)res; (void)out;
-            (void)has_bias; (void)affine; (void)has_res; (void)has_out; (void)Cout;
             for (int p = 0; p < np; p++) {
                 const int32_t *corr = S->noob[p] ? oob_corr(A, S, p, blk) : NULL;
-                zeros += epilogue_scalar(A, pix0 + p, blk, pc + p * BC_OB * nb + j * BC_OB, S->base[p], corr);
+                zeros += epilogue_scalar(A, pix0 + p, blk, pc + p * BC_OB * nb, S->base[p], corr);
             }
         }
-        if (has_bits && blk == A->nblk - 1) /* clear the 16-bit pieces of the last word past the last block */
-            for (int p = 0; p < np; p++)
-                for (int64_t q = blk + 1; q < Cwo4; q++) {
-                    ob[p * Cwo4 + q] = 0;
-                    if (has_mask) om[p * Cwo4 + q] = 0;
-                }
+        if ((fl & 32) && blk == A->nblk - 1) clear_bits_tail(A, pix0, np);
     }
     return zeros;
 }
+
+#if defined(BC_PATH_AVX512)
+/* An interior tile's whole blocks (see mk_direct), epilogue options F. */
+BC_INLINE int64_t run_direct(const int F, const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0,
+                             int64_t b0, int nb) {
+    int64_t zeros;
+#if BC_NB >= 2
+    if (nb == 2)
+        zeros = mk_direct(F, 2, A, S->ap, S->wtp, S->nact, S->base[0], pix0, b0);
+    else
+#endif
+        zeros = mk_direct(F, 1, A, S->ap, S->wtp, S->nact, S->base[0], pix0, b0);
+    if ((A->epi_flags & 32) && b0 + nb == A->nblk) clear_bits_tail(A, pix0, BC_P);
+    return zeros;
+}
+#endif
 
 /* Runs the micro-kernel on blocks [b0, b0 + nb) of the current tile and applies the epilogue. */
 static int64_t run_blocks(const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0, int np, int64_t b0, int nb) {
     const int masked = A->mask != NULL;
     const int64_t wshift = b0 * A->bstride;
+#if defined(BC_PATH_AVX512)
+    if (S->wtp == S->wt_all && (b0 + nb) * BC_OB <= A->Cout) { /* interior tile (setup_tile), whole blocks */
+        switch (A->epi_flags) { /* the option sets of the general path below */
+        case 16: return run_direct(16, A, S, pix0, b0, nb);
+        case 126: return run_direct(126, A, S, pix0, b0, nb);
+        case 118: return run_direct(118, A, S, pix0, b0, nb);
+        case 102: return run_direct(102, A, S, pix0, b0, nb);
+        case 30: return run_direct(30, A, S, pix0, b0, nb);
+        default: return run_direct(-1, A, S, pix0, b0, nb);
+        }
+    }
+#endif
 #if BC_NB >= 2
     if (nb == 2) {
         if (masked) mk_2_1(S->ap, S->mp, S->wtp, wshift, S->nact, A->bstride, A->K, S->pc);

@@ -163,3 +163,73 @@ BC_INLINE uint32_t v_nz(v16 y) { return v_bits(y, 1); }
 #define BC_HAVE_V16 1
 #endif
 
+
+/* Clears the 16-bit pieces of pixels pix0 .. pix0+np-1's last packed word past the last block. */
+BC_INLINE void clear_bits_tail(const bc_conv *restrict A, int64_t pix0, int np) {
+    const int64_t Cwo4 = A->Cwo * 4;
+    uint16_t *ob = (uint16_t *)(A->obits + pix0 * A->Cwo);
+    uint16_t *om = A->omask ? (uint16_t *)(A->omask + pix0 * A->Cwo) : NULL;
+    for (int p = 0; p < np; p++)
+        for (int64_t q = A->nblk; q < Cwo4; q++) {
+            ob[p * Cwo4 + q] = 0;
+            if (om) om[p * Cwo4 + q] = 0;
+        }
+}
+
+#if defined(BC_HAVE_V16)
+/* The per-channel vectors of one block that the epilogue applies to every pixel: bias, BN scale, BN shift. */
+typedef struct { v16 b, a, c; } epi_consts;
+
+BC_INLINE epi_consts epi_load(const int F, const bc_conv *restrict A, int64_t oc0) {
+    static const float zero16[BC_OB];
+    const int fl = F >= 0 ? F : A->epi_flags;
+    epi_consts k;
+    k.b = v_load(fl & 1 ? A->bias + oc0 : zero16);
+    k.a = fl & 4 ? v_load(A->alpha + oc0) : k.b;
+    k.c = fl & 4 ? v_load(A->beta + oc0) : k.b;
+    return k;
+}
+
+/* The fused epilogue of block blk of pixel pix from y = (float)dot * s.  F >= 0: the options as compile-time
+   constants (bit 0 bias, 1 relu, 2 affine, 3 residual, 4 float out, 5 bits, 6 mask), so each specialization
+   is straight-line code; F < 0: read from A.  Returns the number of zeros among the packed outputs. */
+BC_INLINE int64_t epi_vec(const int F, const bc_conv *restrict A, v16 y, epi_consts k, int64_t pix, int64_t blk) {
+    const int fl = F >= 0 ? F : A->epi_flags;
+    const int64_t oc0 = blk * BC_OB;
+    if (fl & 1) y = v_add(y, k.b);
+    if (fl & 2) y = v_relu(y);
+    if (fl & 4) y = v_fma(y, k.a, k.c);
+    if (fl & 8) y = v_add(y, v_load(A->res + pix * A->Cout + oc0));
+    if (fl & 16) v_store(A->out + pix * A->Cout + oc0, y);
+    if (!(fl & 32)) return 0;
+    const uint32_t nz = v_nz(y);
+    ((uint16_t *)(A->obits + pix * A->Cwo))[blk] = (uint16_t)v_neg(y);
+    if (fl & 64) ((uint16_t *)(A->omask + pix * A->Cwo))[blk] = (uint16_t)nz;
+    return BC_OB - pop64(nz);
+}
+#endif
+
+#if defined(BC_PATH_AVX512)
+/* A tile of BC_P pixels that all see every tap in bounds (no correction, no zero mask, one base), whole blocks
+   b0 .. b0+NB-1: the sums go from the registers through the epilogue, without the round trip through memory
+   that the general path takes (which stores them for border corrections and partial blocks). */
+BC_INLINE int64_t mk_direct(const int F, const int NB, const bc_conv *restrict A, const uint64_t *const *ap,
+                            const uint64_t *const *wt, int nact, int32_t base, int64_t pix0, int64_t b0) {
+    __m512i acc[BC_P][2 * BC_NB];
+    mk_avx512_sums(NB, 0, ap, NULL, wt, b0 * A->bstride, nact, A->bstride, A->K, acc);
+    const __m512 vs = _mm512_set1_ps(A->scale);
+    const __m512i vbase = _mm512_set1_epi32(base);
+    int64_t zeros = 0;
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; b++) {
+        const epi_consts k = epi_load(F, A, (b0 + b) * BC_OB);
+#pragma GCC unroll 16
+        for (int p = 0; p < BC_P; p++) {
+            __m512i d = sums16(acc[p][2 * b], acc[p][2 * b + 1]);
+            d = _mm512_sub_epi32(vbase, _mm512_add_epi32(d, d)); /* as v_dot: base - 2 * sum, then * s */
+            zeros += epi_vec(F, A, _mm512_mul_ps(_mm512_cvtepi32_ps(d), vs), k, pix0 + p, b0 + b);
+        }
+    }
+    return zeros;
+}
+#endif

@@ -23,9 +23,10 @@ BC_INLINE void tap_rows(const int MASK, const uint64_t *const *ap, const uint64_
 
 #if defined(BC_PATH_AVX512)
 
-BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
-                         const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
-    __m512i acc[BC_P][2 * BC_NB];
+/* The raw sums of the tile, left in registers: acc[p][2 * b + h] holds lanes 8h .. 8h+7 of block b of pixel p. */
+BC_INLINE void mk_avx512_sums(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                              const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K,
+                              __m512i acc[BC_P][2 * BC_NB]) {
 #pragma GCC unroll 16
     for (int p = 0; p < BC_P; p++)
 #pragma GCC unroll 16
@@ -58,14 +59,23 @@ BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap
             }
         }
     }
+}
+
+/* The 16 int32 sums of one block from its two registers of int64 lanes. */
+BC_INLINE __m512i sums16(__m512i lo, __m512i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+}
+
+BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                         const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
+    __m512i acc[BC_P][2 * BC_NB];
+    mk_avx512_sums(NB, MASK, ap, mp, wt, wshift, nact, bstride, K, acc);
     /* one 64-byte store per block, so the epilogue's 64-byte load is forwarded from a single store */
 #pragma GCC unroll 16
     for (int p = 0; p < BC_P; p++)
 #pragma GCC unroll 16
         for (int b = 0; b < NB; b++)
-            _mm512_storeu_si512((void *)(pc + p * BC_OB * NB + BC_OB * b),
-                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[p][2 * b])),
-                                                   _mm512_cvtepi64_epi32(acc[p][2 * b + 1]), 1));
+            _mm512_storeu_si512((void *)(pc + p * BC_OB * NB + BC_OB * b), sums16(acc[p][2 * b], acc[p][2 * b + 1]));
 }
 
 #define BC_DEF_MK(NB, MASK) \
