@@ -266,18 +266,39 @@ BC_INLINE int64_t epi_blocks(const int F, const bc_conv *restrict A, bc_scratch 
 }
 
 #if defined(BC_PATH_AVX512)
-/* An interior tile's whole blocks (see mk_direct), epilogue options F. */
-BC_INLINE int64_t run_direct(const int F, const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0,
-                             int64_t b0, int nb) {
-    int64_t zeros;
-#if BC_NB >= 2
-    if (nb == 2)
-        zeros = mk_direct(F, 2, A, S->ap, S->wtp, S->nact, S->base[0], pix0, b0);
-    else
-#endif
-        zeros = mk_direct(F, 1, A, S->ap, S->wtp, S->nact, S->base[0], pix0, b0);
-    if ((A->epi_flags & 32) && b0 + nb == A->nblk) clear_bits_tail(A, pix0, BC_P);
+/* Whole blocks b0 .. b0+NB-1 of a tile without a zero mask: the sums go from the registers through the border
+   correction and the epilogue (options F, as in epi_vec), without the round trip through S->pc that the general
+   path takes (kept for partial blocks and the mask path). */
+BC_INLINE int64_t run_direct(const int F, const int NB, const bc_conv *restrict A, bc_scratch *restrict S,
+                             int64_t pix0, int np, int64_t b0) {
+    __m512i acc[BC_P][2 * BC_NB];
+    mk_avx512_sums(NB, 0, S->ap, S->mp, S->wtp, b0 * A->bstride, S->nact, A->bstride, A->K, acc);
+    const __m512 vs = _mm512_set1_ps(A->scale);
+    int64_t zeros = 0;
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; b++) {
+        const int64_t blk = b0 + b;
+        const epi_consts k = epi_load(F, A, blk * BC_OB);
+#pragma GCC unroll 16
+        for (int p = 0; p < BC_P; p++) {
+            if (p >= np) break;
+            __m512i d = sums16(acc[p][2 * b], acc[p][2 * b + 1]);
+            if (S->noob[p]) d = _mm512_sub_epi32(d, _mm512_loadu_si512((const void *)oob_corr(A, S, p, blk)));
+            d = _mm512_sub_epi32(_mm512_set1_epi32(S->base[p]), _mm512_add_epi32(d, d)); /* as v_dot */
+            zeros += epi_vec(F, A, _mm512_mul_ps(_mm512_cvtepi32_ps(d), vs), k, pix0 + p, blk);
+        }
+    }
+    if ((A->epi_flags & 32) && b0 + NB == A->nblk) clear_bits_tail(A, pix0, np);
     return zeros;
+}
+
+BC_INLINE int64_t run_direct_nb(const int F, const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0,
+                                int np, int64_t b0, int nb) {
+#if BC_NB >= 2
+    if (nb == 2) return run_direct(F, 2, A, S, pix0, np, b0);
+#endif
+    (void)nb;
+    return run_direct(F, 1, A, S, pix0, np, b0);
 }
 #endif
 
@@ -286,14 +307,14 @@ static int64_t run_blocks(const bc_conv *restrict A, bc_scratch *restrict S, int
     const int masked = A->mask != NULL;
     const int64_t wshift = b0 * A->bstride;
 #if defined(BC_PATH_AVX512)
-    if (S->wtp == S->wt_all && (b0 + nb) * BC_OB <= A->Cout) { /* interior tile (setup_tile), whole blocks */
+    if (!masked && (b0 + nb) * BC_OB <= A->Cout) { /* whole blocks, no zero mask */
         switch (A->epi_flags) { /* the option sets of the general path below */
-        case 16: return run_direct(16, A, S, pix0, b0, nb);
-        case 126: return run_direct(126, A, S, pix0, b0, nb);
-        case 118: return run_direct(118, A, S, pix0, b0, nb);
-        case 102: return run_direct(102, A, S, pix0, b0, nb);
-        case 30: return run_direct(30, A, S, pix0, b0, nb);
-        default: return run_direct(-1, A, S, pix0, b0, nb);
+        case 16: return run_direct_nb(16, A, S, pix0, np, b0, nb);
+        case 126: return run_direct_nb(126, A, S, pix0, np, b0, nb);
+        case 118: return run_direct_nb(118, A, S, pix0, np, b0, nb);
+        case 102: return run_direct_nb(102, A, S, pix0, np, b0, nb);
+        case 30: return run_direct_nb(30, A, S, pix0, np, b0, nb);
+        default: return run_direct_nb(-1, A, S, pix0, np, b0, nb);
         }
     }
 #endif

@@ -208,28 +208,3 @@ BC_INLINE int64_t epi_vec(const int F, const bc_conv *restrict A, v16 y, epi_con
     return BC_OB - pop64(nz);
 }
 #endif
-
-#if defined(BC_PATH_AVX512)
-/* A tile of BC_P pixels that all see every tap in bounds (no correction, no zero mask, one base), whole blocks
-   b0 .. b0+NB-1: the sums go from the registers through the epilogue, without the round trip through memory
-   that the general path takes (which stores them for border corrections and partial blocks). */
-BC_INLINE int64_t mk_direct(const int F, const int NB, const bc_conv *restrict A, const uint64_t *const *ap,
-                            const uint64_t *const *wt, int nact, int32_t base, int64_t pix0, int64_t b0) {
-    __m512i acc[BC_P][2 * BC_NB];
-    mk_avx512_sums(NB, 0, ap, NULL, wt, b0 * A->bstride, nact, A->bstride, A->K, acc);
-    const __m512 vs = _mm512_set1_ps(A->scale);
-    const __m512i vbase = _mm512_set1_epi32(base);
-    int64_t zeros = 0;
-#pragma GCC unroll 16
-    for (int b = 0; b < NB; b++) {
-        const epi_consts k = epi_load(F, A, (b0 + b) * BC_OB);
-#pragma GCC unroll 16
-        for (int p = 0; p < BC_P; p++) {
-            __m512i d = sums16(acc[p][2 * b], acc[p][2 * b + 1]);
-            d = _mm512_sub_epi32(vbase, _mm512_add_epi32(d, d)); /* as v_dot: base - 2 * sum, then * s */
-            zeros += epi_vec(F, A, _mm512_mul_ps(_mm512_cvtepi32_ps(d), vs), k, pix0 + p, b0 + b);
-        }
-    }
-    return zeros;
-}
-#endif
