@@ -35,7 +35,9 @@
  * xor count (a = 0): that is subtracted afterwards from a per-(oc, tap) table (fast path), or it is masked
  * away by a zero mask (mask path).  The micro-kernel broadcasts one activation word per pixel, xors it with
  * the 16*NB weight lanes and accumulates lane-wise popcounts, so each register tile holds
- * BC_P pixels x 16*NB output channels.
+ * BC_P pixels x 16*NB output channels.  On the AVX-512 path the epilogue takes the sums of whole blocks
+ * straight from those registers (run_direct); elsewhere, and for a partial last block or the mask path, the
+ * micro-kernel stores them to a scratch tile that the epilogue reads back (epi_blocks).
  *
  * Epilogue (fused, in this order, each optional):
  *     y = (float)dot * s ; y += bias[oc] ; y = max(y, 0) (relu) ; y = fmaf(y, alpha[oc], beta[oc]) ;
