@@ -108,7 +108,6 @@ typedef struct {
     uint64_t *patch, *pmask;   /* patch mode: [BC_P][K] gathered bits and mask */
     int32_t *pc;               /* [BC_P][BC_NB*16] */
     int32_t *corr;             /* [BC_P][16] */
-    float *fzero;              /* [16] zeros */
     const uint64_t *zero;      /* zero words (at least max(Cw, K)) */
 } bc_scratch;
 
@@ -275,7 +274,6 @@ BC_INLINE int64_t run_direct(const int F, const int NB, const bc_conv *restrict 
                              int64_t pix0, int np, int64_t b0) {
     __m512i acc[BC_P][2 * BC_NB];
     mk_avx512_sums(NB, 0, S->ap, S->mp, S->wtp, b0 * A->bstride, S->nact, A->bstride, A->K, acc);
-    const __m512 vs = _mm512_set1_ps(A->scale);
     int64_t zeros = 0;
 #pragma GCC unroll 16
     for (int b = 0; b < NB; b++) {
@@ -284,10 +282,9 @@ BC_INLINE int64_t run_direct(const int F, const int NB, const bc_conv *restrict 
 #pragma GCC unroll 16
         for (int p = 0; p < BC_P; p++) {
             if (p >= np) break;
-            __m512i d = sums16(acc[p][2 * b], acc[p][2 * b + 1]);
-            if (S->noob[p]) d = _mm512_sub_epi32(d, _mm512_loadu_si512((const void *)oob_corr(A, S, p, blk)));
-            d = _mm512_sub_epi32(_mm512_set1_epi32(S->base[p]), _mm512_add_epi32(d, d)); /* as v_dot */
-            zeros += epi_vec(F, A, _mm512_mul_ps(_mm512_cvtepi32_ps(d), vs), k, pix0 + p, blk);
+            const int32_t *corr = S->noob[p] ? oob_corr(A, S, p, blk) : NULL;
+            const v16 y = v_dot_sums(S->base[p], sums16(acc[p][2 * b], acc[p][2 * b + 1]), corr, A->scale);
+            zeros += epi_vec(F, A, y, k, pix0 + p, blk);
         }
     }
     if ((A->epi_flags & 32) && b0 + NB == A->nblk) clear_bits_tail(A, pix0, np);
@@ -440,7 +437,7 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
         void *mem = NULL;
         size_t ptrs = 2 * T * BC_P + 2 * T, ints = (size_t)BC_P * T;
         size_t bytes = ptrs * sizeof(void *) + ints * sizeof(int) + 2 * (size_t)BC_P * (size_t)A.K * 8 +
-                       ((size_t)BC_P * BC_NB * BC_OB + (size_t)BC_P * BC_OB + BC_OB) * sizeof(int32_t) + 4 * 64;
+                       ((size_t)BC_P * BC_NB * BC_OB + (size_t)BC_P * BC_OB) * sizeof(int32_t) + 4 * 64;
         mem = malloc(bytes);
         if (!mem) {
 #pragma omp atomic write
@@ -449,8 +446,6 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
             char *q = (char *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
             S.pc = (int32_t *)q; q += ((size_t)BC_P * BC_NB * BC_OB) * sizeof(int32_t);
             S.corr = (int32_t *)q; q += (size_t)BC_P * BC_OB * sizeof(int32_t);
-            S.fzero = (float *)q; q += BC_OB * sizeof(float);
-            memset(S.fzero, 0, BC_OB * sizeof(float));
             q = (char *)(((uintptr_t)q + 63) & ~(uintptr_t)63);
             S.patch = (uint64_t *)q; q += (size_t)BC_P * A.K * 8;
             S.pmask = (uint64_t *)q; q += (size_t)BC_P * A.K * 8;
