@@ -301,20 +301,27 @@ BC_INLINE int64_t run_direct_nb(const int F, const bc_conv *restrict A, bc_scrat
 }
 #endif
 
+/* Returns fn(F, ...) with the epilogue options F as a compile-time constant for the common option sets, so each
+   gets its own straight-line copy of the epilogue (see epi_vec), and F = -1 (options read from A) for any other:
+   16 float out only; 126 relu, BN, residual, float + bits + mask; 118 relu, BN, float + bits + mask;
+   102 relu, BN, bits + mask; 30 relu, BN, residual, float. */
+#define BC_BY_OPTIONS(fn, ...)                   \
+    switch (A->epi_flags) {                      \
+    case 16: return fn(16, __VA_ARGS__);         \
+    case 126: return fn(126, __VA_ARGS__);       \
+    case 118: return fn(118, __VA_ARGS__);       \
+    case 102: return fn(102, __VA_ARGS__);       \
+    case 30: return fn(30, __VA_ARGS__);         \
+    default: return fn(-1, __VA_ARGS__);         \
+    }
+
 /* Runs the micro-kernel on blocks [b0, b0 + nb) of the current tile and applies the epilogue. */
 static int64_t run_blocks(const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0, int np, int64_t b0, int nb) {
     const int masked = A->mask != NULL;
     const int64_t wshift = b0 * A->bstride;
 #if defined(BC_PATH_AVX512)
-    if (!masked && (b0 + nb) * BC_OB <= A->Cout) { /* whole blocks, no zero mask */
-        switch (A->epi_flags) { /* the option sets of the general path below */
-        case 16: return run_direct_nb(16, A, S, pix0, np, b0, nb);
-        case 126: return run_direct_nb(126, A, S, pix0, np, b0, nb);
-        case 118: return run_direct_nb(118, A, S, pix0, np, b0, nb);
-        case 102: return run_direct_nb(102, A, S, pix0, np, b0, nb);
-        case 30: return run_direct_nb(30, A, S, pix0, np, b0, nb);
-        default: return run_direct_nb(-1, A, S, pix0, np, b0, nb);
-        }
+    if (!masked && (b0 + nb) * BC_OB <= A->Cout) { /* whole blocks, no zero mask: sums straight from registers */
+        BC_BY_OPTIONS(run_direct_nb, A, S, pix0, np, b0, nb)
     }
 #endif
 #if BC_NB >= 2
@@ -327,15 +334,7 @@ static int64_t run_blocks(const bc_conv *restrict A, bc_scratch *restrict S, int
         if (masked) mk_1_1(S->ap, S->mp, S->wtp, wshift, S->nact, A->bstride, A->K, S->pc);
         else mk_1_0(S->ap, S->mp, S->wtp, wshift, S->nact, A->bstride, A->K, S->pc);
     }
-    /* common option sets get their own copy of the epilogue (see epi_blocks) */
-    switch (A->epi_flags) {
-    case 16: return epi_blocks(16, A, S, pix0, np, b0, nb);   /* float out only */
-    case 126: return epi_blocks(126, A, S, pix0, np, b0, nb); /* relu, BN, residual, float + bits + mask */
-    case 118: return epi_blocks(118, A, S, pix0, np, b0, nb); /* relu, BN, float + bits + mask */
-    case 102: return epi_blocks(102, A, S, pix0, np, b0, nb); /* relu, BN, bits + mask */
-    case 30: return epi_blocks(30, A, S, pix0, np, b0, nb);   /* relu, BN, residual, float */
-    default: return epi_blocks(-1, A, S, pix0, np, b0, nb);
-    }
+    BC_BY_OPTIONS(epi_blocks, A, S, pix0, np, b0, nb)
 }
 
 static float *padded_copy(const float *v, int64_t n, int64_t npad) {
