@@ -1,4 +1,4 @@
-"""The bitwise conv kernel (reste_timm/deployment/csrc/bitconv.c) on every code path this CPU can run:
+"""The bitwise conv kernel (reste_timm/nn/csrc/bitconv.c) on every code path this CPU can run:
 exact integer dot products, the fused epilogues bit for bit against torch, packed outputs, blocks
 chained through bits; and a C-only driver, also run for the NEON path under qemu-aarch64."""
 
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from reste_timm.deployment import bitwise
 from reste_timm.deployment.bitwise import bn_affine
+from reste_timm.nn import bitconv
 
 X86 = platform.machine() in ("x86_64", "AMD64")
-SOURCE = Path(bitwise.__file__).parent / "csrc" / "bitconv.c"
+SOURCE = Path(bitconv.__file__).parent / "csrc" / "bitconv.c"
 DRIVER = Path(__file__).parent / "csrc" / "bitconv_driver.c"
 
 

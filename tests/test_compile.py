@@ -43,7 +43,8 @@ def test_compiled_model_trains_through_twelve_exponents_with_one_graph():
     assert model.layer1[0].conv1.exponent == pytest.approx(reste_timm.annealed_exponent(11, 12, 3.0))
     assert counters["stats"]["unique_graphs"] == 1  # twelve exponents, one compiled graph
     assert counters["aot_autograd"]["total"] == 1
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    # single-batch losses of a binary net jump from step to step: compare the first and last four
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-4:]) < sum(losses[:4])
 
 
 @pytest.mark.slow

@@ -144,7 +144,7 @@ def test_unknown_models_get_their_layers_swapped():
 def test_without_a_compiler_deploy_warns_once_and_keeps_float_weights(monkeypatch):
     monkeypatch.setenv("RESTE_TIMM_NATIVE", "0")
     monkeypatch.setattr(native, "_libraries", {})
-    monkeypatch.setattr(reste_timm.deployment.bitwise, "_kernels", {})
+    monkeypatch.setattr(reste_timm.nn.bitconv, "_kernels", {})
     model = timm.create_model("resnet20_1w1a_reste").eval()
     with pytest.warns(RuntimeWarning, match="keeps its float weights"):
         deployed = deploy(model)

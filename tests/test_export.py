@@ -14,6 +14,7 @@ from test_hub import _trained_like
 
 import reste_timm
 from reste_timm.deployment import SignWeightConv2d, export_form, export_onnx, export_pt2
+from reste_timm.nn import native_kernels
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -47,7 +48,8 @@ def test_export_form_computes_exactly_what_the_model_computes():
     assert len(layers) == 18 and not list(reste_timm.binary_layers(form))
     assert all(m.weight_sign.dtype == torch.int8 for m in layers)
     x = _images(model, 3)
-    with torch.no_grad():
+    # against the model's float path (on CPU its default is the bitwise kernel: the same sums, rounded once)
+    with torch.no_grad(), native_kernels(False):
         assert torch.equal(form(x), model(x))
     assert model.training is False and any(p.requires_grad for p in model.parameters())  # source untouched
 
@@ -94,7 +96,7 @@ def test_pt2_program_loads_and_predicts_exactly(tmp_path):
     program = torch.export.load(str(export_pt2(model, tmp_path / "m.pt2"))).module()
     for batch in (1, 4):
         x = _images(model, batch)
-        with torch.no_grad():
+        with torch.no_grad(), native_kernels(False):  # the float path, as test_export_form_... says
             assert torch.equal(program(x), model(x))
 
 

@@ -23,7 +23,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .estimators import native_fits, native_plan, sign_grad_torch
+from . import bitconv
+from .estimators import native_allowed, native_fits, native_plan, sign_grad_torch
 from .kernels import Plan
 
 __all__ = ["binary_conv2d", "binary_conv2d_backward", "conv_arguments", "scaled_sign_grad"]
@@ -73,14 +74,56 @@ def binary_conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         kind: The built-in estimator.
         compute_dtype: The conv's dtype under autocast, None to keep the inputs'.
     """
+    return _forward_impl(x, w, bias, conv, compute_dtype, bitwise=False)
+
+
+def _forward_impl(x, w, bias, conv, compute_dtype, bitwise):
+    """:func:`binary_conv2d`'s outputs; ``bitwise`` allows the bitwise kernel (CPU)."""
     stride, padding, dilation, groups, binarize_input = _unpack(conv)
     scale = w.abs().mean()
     bw = torch.sign(w).mul_(scale)
+    out = _bitwise_output(x, w, bias, scale, conv) if bitwise and compute_dtype is None else None
+    if out is not None:
+        return out, bw, scale
     xb = torch.sign(x) if binarize_input else x
     if compute_dtype is not None:
         xb, bw = xb.to(compute_dtype), bw.to(compute_dtype)
         bias = None if bias is None else bias.to(compute_dtype)
     return F.conv2d(xb, bw, bias, stride, padding, dilation, groups), bw, scale
+
+
+def _bitwise_output(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+                    conv: List[int]) -> Optional[torch.Tensor]:
+    """``conv2d(sign(x), sign(w) * scale, bias)`` by the bitwise kernel (:mod:`reste_timm.nn.bitconv`),
+    in the memory format ``conv2d`` would give; None where it does not apply: not 1W/1A float32, groups
+    or dilation, an empty tensor, a weight that is exactly 0 (not a bit), no kernel (no C compiler), or
+    the C kernels turned off (:func:`~reste_timm.nn.estimators.native_kernels`).
+
+    The integer sums are exact, so the result differs from the float conv's only by the float conv's
+    own rounding (it sums ``±scale`` terms one by one; here ``(float)sum * scale``, rounded once)."""
+    stride, padding, dilation, groups, binarize_input = _unpack(conv)
+    if not (binarize_input and groups == 1 and dilation == [1, 1] and x.dtype == w.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and x.numel() and native_allowed()):
+        return None
+    found = bitconv.kernel()
+    if found is None:
+        return None
+    weight_bits, zeros = found.pack_weights(w)
+    if zeros:
+        return None
+    (kh, kw), (h, wd) = w.shape[2:], x.shape[2:]
+    if h + 2 * padding[0] < kh or wd + 2 * padding[1] < kw:
+        return None  # conv2d's own error
+    bits, mask, x_zeros = found.pack_signs(x)
+    y = found.conv2d(bits, mask if x_zeros else None, weight_bits, list(w.shape), stride, padding,
+                     float(scale), bias)[0]  # channels_last, as the kernel writes NHWC
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return y if channels_last else y.contiguous()
+
+
+@binary_conv2d.register_kernel("cpu")
+def _(x, w, bias, hp, conv, kind, compute_dtype):
+    return _forward_impl(x, w, bias, conv, compute_dtype, bitwise=True)
 
 
 @binary_conv2d.register_fake

@@ -31,7 +31,7 @@ from . import kernels
 
 __all__ = [
     "RESTE_INTERVAL", "RESTE_THRESHOLD", "Estimator", "approxsign_factor", "ede_factor", "ede_parameters",
-    "get_estimator", "hyperparameters", "list_estimators", "native_fits", "native_kernels",
+    "get_estimator", "hyperparameters", "list_estimators", "native_allowed", "native_fits", "native_kernels",
     "native_plan", "register_estimator", "reste_equivalent_forward", "reste_factor",
     "reste_values", "sign_approx", "sign_ede", "sign_grad", "sign_grad_torch", "sign_reste", "sign_ste",
     "ste_factor",
@@ -136,6 +136,11 @@ def native_kernels(enabled: bool = True) -> Iterator[None]:
         _native.reset(token)
 
 
+def native_allowed() -> bool:
+    """Whether the ops may use their C kernels here: False inside ``native_kernels(False)``."""
+    return _native.get()
+
+
 def hyperparameters(o: Number = 1.0, progress: Number = 0.0, t: float = RESTE_THRESHOLD,
                     m: float = RESTE_INTERVAL, *, device=None) -> torch.Tensor:
     """The ``hp = [o, progress, t, m]`` tensor the ops take: ReSTE's exponent, EDE's training progress,
@@ -173,7 +178,7 @@ def native_fits(x: torch.Tensor, grad: torch.Tensor) -> bool:
 def native_plan(kind: str, hp: torch.Tensor) -> Optional[kernels.Plan]:
     """The C calls of ReSTE's gradient at these hyperparameters, or None (another estimator, the C
     kernels unavailable or turned off by :func:`native_kernels`); callers check :func:`native_fits`."""
-    if kind != "reste" or not _native.get():
+    if kind != "reste" or not native_allowed():
         return None
     return kernels.plan(*reste_values(hp))
 
