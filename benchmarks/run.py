@@ -205,7 +205,7 @@ def _latency(device: torch.device, quick: bool, tmp: Path) -> dict:
             pred = other(x)
             out[f"max_abs_logit_diff_{label}"] = (pred - ref).abs().max().item()
             out[f"same_top1_{label}"] = bool((pred.argmax(1) == ref.argmax(1)).all())
-        cands = {"float model": lambda: model(x), "load_packed": lambda: packed(x),
+        cands = {"source model": lambda: model(x), "load_packed": lambda: packed(x),
                  "load_packed(cache_weights=True)": lambda: cached(x)}
         times = interleaved(cands, rounds=5 if quick else 15, device=device, warmup=1)
     out["latency"] = {k: stats(v) for k, v in times.items()}
