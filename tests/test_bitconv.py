@@ -215,6 +215,27 @@ def test_weight_zeros_are_counted_and_errors_are_codes(kern):
         kern.conv2d(bits, None, packed, [16, 8, 3, 3], [1, 1], [1, 1], 1.0, out_float=False)
 
 
+
+def test_large_weights_pack_alike_on_one_and_two_threads(kern):
+    """Above 65,536 weights the packer runs blocks in parallel (the training forward packs every step):
+    the same words and zero count as one thread, and a conv on them equal to the exact dot."""
+    w = torch.randn(130, 70, 3, 3, generator=torch.Generator().manual_seed(7))
+    w[5, 69, 1, 2] = w[129, 0, 0, 0] = 0.0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kern.pack_weights(w)
+        torch.set_num_threads(2)
+        two = kern.pack_weights(w)
+    finally:
+        torch.set_num_threads(threads)
+    assert one[1] == two[1] == 2 and torch.equal(one[0], two[0])
+    w[w == 0] = 0.5
+    x = _rand(1, 70, 6, 5, zeros=False, seed=8)
+    bits, _, _ = kern.pack_signs(x)
+    y = kern.conv2d(bits, None, kern.pack_weights(w)[0], [130, 70, 3, 3], [1, 1], [1, 1], 1.0)[0]
+    assert torch.equal(y.double(), _dot(x, w, 1, 1))
+
 @pytest.mark.skipif(not TORCH_BN_EXACT, reason="torch's scalar BatchNorm kernel rounds differently")
 def test_bn_affine_gives_torch_batch_norm_bit_for_bit():
     for c in (16, 130):

@@ -32,7 +32,7 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 _SIGNATURES = {
     "bitconv_path": ([], ctypes.c_char_p),
     "bitconv_weight_words": ([_I64, _I64, _INT, _INT, _INT], _I64),
-    "bitconv_pack_weights": ([_P, _I64, _I64, _INT, _INT, _INT, _P], _I64),
+    "bitconv_pack_weights": ([_P, _I64, _I64, _INT, _INT, _INT, _P, _INT], _I64),
     "bitconv_pack_signs_nhwc": ([_P, _I64, _I64, _P, _P, _INT], _I64),
     "bitconv_pack_signs_nchw": ([_P, _I64, _I64, _I64, _P, _P, _INT], _I64),
     "bitconv_conv2d": ([_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _INT, _INT, _INT, _INT, _INT, _INT,
@@ -68,7 +68,8 @@ class Kernel:
         w = w.detach().float().cpu().contiguous()
         cout, cin, kh, kw = w.shape
         packed = torch.empty(self.lib.bitconv_weight_words(cout, cin, kh, kw, 0), dtype=torch.int64)
-        zeros = self.lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, 0, packed.data_ptr())
+        zeros = self.lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, 0, packed.data_ptr(),
+                                              torch.get_num_threads())
         return packed, int(zeros)
 
     def pack_signs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:

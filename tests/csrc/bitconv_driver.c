@@ -15,7 +15,8 @@
 
 const char *bitconv_path(void);
 int64_t bitconv_weight_words(int64_t Cout, int64_t Cin, int KH, int KW, int mode);
-int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, int KH, int KW, int mode, uint64_t *out);
+int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, int KH, int KW, int mode, uint64_t *out,
+                             int nthreads);
 int64_t bitconv_pack_signs_nhwc(const float *x, int64_t npix, int64_t C, uint64_t *bits, uint64_t *mask, int nt);
 int64_t bitconv_pack_signs_nchw(const float *x, int64_t N, int64_t C, int64_t HW, uint64_t *bits, uint64_t *mask,
                                 int nt);
@@ -74,7 +75,7 @@ static void run_case(int N, int H, int W, int C, int Co, int K, int s, int p, in
         be[i] = frnd();
     }
     for (int i = 0; i < N * OH * OW * Co; i++) res[i] = frnd();
-    if (bitconv_pack_weights(w, Co, C, K, K, mode, wp) != 0) { printf("weight zeros?\n"); failures++; }
+    if (bitconv_pack_weights(w, Co, C, K, K, mode, wp, 1) != 0) { printf("weight zeros?\n"); failures++; }
     int64_t z1 = bitconv_pack_signs_nhwc(x, (int64_t)N * H * W, C, bits, mask, nt);
     int64_t z2 = bitconv_pack_signs_nchw(xc, N, C, H * W, bits2, mask2, nt);
     if (z1 != nzero || z2 != nzero || memcmp(bits, bits2, 8 * N * H * W * Cw) ||

@@ -38,11 +38,12 @@ BC_API int64_t bitconv_weight_words(int64_t Cout, int64_t Cin, int KH, int KW, i
  *                   the x86 paths; kept as an option).
  *   then pop[blk][t][lane] (int32): popcount of output channel blk*16+lane's bits at tap t, for the
  *   out-of-bounds correction.  Output channels >= Cout and channel bits >= Cin are 0.
+ * nthreads: OpenMP threads (taps mode; the conv's callers pass torch's setting).
  * Returns the number of exact zeros in w (packed as +1; such a layer is not exactly representable),
  * or -1 on invalid arguments.
  */
 BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, int KH, int KW, int mode,
-                                    uint64_t *out) {
+                                    uint64_t *out, int nthreads) {
     int64_t total = bitconv_weight_words(Cout, Cin, KH, KW, mode);
     if (total < 0 || !w || !out) return -1;
     int64_t T = (int64_t)KH * KW, nblk = (Cout + BC_OB - 1) / BC_OB;
@@ -64,7 +65,8 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
     if (mode == BC_MODE_TAPS) {
         /* each word built in a register from 64 channels of one tap, blocks in parallel (training packs the
            weights at every forward: a 512x512 3x3 layer is 2.4M floats) */
-#pragma omp parallel for reduction(+ : zeros) schedule(static) if (Cout * Cin * T > (1 << 16))
+#pragma omp parallel for reduction(+ : zeros) schedule(static) num_threads(nthreads > 0 ? nthreads : 1) \
+    if (Cout * Cin * T > (1 << 16))
         for (int64_t blk = 0; blk < nblk; blk++) {
             for (int64_t lane = 0; lane < BC_OB && blk * BC_OB + lane < Cout; lane++) {
                 const float *wo = w + (blk * BC_OB + lane) * Cin * T;
