@@ -10,12 +10,17 @@ export PYTHONSAFEPATH=1
 "$venv/bin/reste-timm" configs | grep -q "^digits/resnet20_1w1a_reste "
 "$venv/bin/reste-timm" train --config digits/resnet20_1w1a_reste --epochs 3 --output-dir D --report-to none
 "$venv/bin/python" - <<'PY'
+import shutil
+
 import timm
 import torch
 
 import reste_timm
 
 assert "site-packages" in reste_timm.__file__, reste_timm.__file__  # the installed wheel, not a checkout
+if shutil.which("cc") or shutil.which("gcc"):  # the wheel carries every C source and header they include
+    from reste_timm.nn import bitconv, kernels
+    assert kernels.library() is not None and bitconv.bitwise_available(), "a C kernel did not build"
 model = timm.create_model("local-dir:D/final", pretrained=True).eval()
 with torch.no_grad():
     logits = model(torch.zeros(1, 3, 32, 32))
