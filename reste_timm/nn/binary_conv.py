@@ -4,7 +4,9 @@
 
 The plain composition would keep both ``x`` (for the estimator) and ``sign(x)`` (for the conv's
 weight gradient); the op keeps only ``x``, so a 1W/1A layer holds no more activation memory than a
-float conv. Its backward, one more op (``reste_timm::binary_conv2d_backward``), takes the conv's input
+float conv. On CPU, for float32 1W/1A layers, the forward packs the signs into bits and runs the bitwise
+kernel of :mod:`reste_timm.nn.bitconv` (exact integer sums, scaled once) instead of the float conv of
+the signs. Its backward, one more op (``reste_timm::binary_conv2d_backward``), takes the conv's input
 gradient first (which needs no ``sign(x)``), then one pass over ``x`` turns it into the estimator's
 gradient and yields ``sign(x)`` for the weight gradient, and the binary weight's gradient, through the
 estimator and through ``mean(|w|)``, is one more pass; on CPU both passes are the C loops of

@@ -23,7 +23,8 @@ class BinaryConv2d(nn.Conv2d):
     ``conv2d(ba, bw)``. Zero padding is applied after binarization, as in the reference.
 
     Built-in estimators run as one registered op (:func:`reste_timm.nn.binary_conv.binary_conv2d`) that
-    keeps ``a`` but not ``sign(a)``, so a 1W/1A layer holds no more activation memory than a float conv;
+    keeps ``a`` but not ``sign(a)``, so a 1W/1A layer holds no more activation memory than a float conv
+    (on CPU, in float32, its forward counts sign matches on packed bits);
     estimators registered as functions run the plain ``conv(est(a), est(w) * mean(|w|))``. Every path
     keeps the input's memory format and follows autocast.
 
