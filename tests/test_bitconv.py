@@ -215,7 +215,6 @@ def test_weight_zeros_are_counted_and_errors_are_codes(kern):
         kern.conv2d(bits, None, packed, [16, 8, 3, 3], [1, 1], [1, 1], 1.0, out_float=False)
 
 
-
 def test_large_weights_pack_alike_on_one_and_two_threads(kern):
     """Above 65,536 weights the packer runs blocks in parallel (the training forward packs every step):
     the same words and zero count as one thread, and a conv on them equal to the exact dot."""

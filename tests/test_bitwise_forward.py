@@ -122,3 +122,45 @@ def test_autocast_takes_the_float_conv_in_the_autocast_dtype(float_convs):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(2, 8, 6, 6))
     assert out.dtype == torch.bfloat16 and len(float_convs) == 1
+
+
+_CL = torch.channels_last
+_LAYOUTS = {  # the op's input and weight as a model may hand them over
+    "nchw": (lambda: torch.randn(2, 8, 6, 5), lambda: torch.randn(7, 8, 3, 3)),
+    "nhwc": (lambda: torch.randn(2, 8, 6, 5).contiguous(memory_format=_CL), lambda: torch.randn(7, 8, 3, 3)),
+    "nhwc-weight": (lambda: torch.randn(2, 8, 6, 5),
+                    lambda: torch.randn(7, 8, 3, 3).contiguous(memory_format=_CL)),  # --channels-last model
+    "sliced-nhwc": (lambda: torch.randn(2, 8, 12, 5).contiguous(memory_format=_CL)[:, :, ::2],
+                    lambda: torch.randn(7, 8, 3, 3)),
+    "sliced-nchw": (lambda: torch.randn(2, 8, 12, 5)[:, :, ::2], lambda: torch.randn(7, 8, 3, 3)),
+    "one-pixel": (lambda: torch.randn(3, 8, 1, 1), lambda: torch.randn(7, 8, 1, 1)),
+    "one-pixel-nhwc": (lambda: torch.randn(3, 8, 1, 1).contiguous(memory_format=_CL),
+                       lambda: torch.randn(7, 8, 1, 1).contiguous(memory_format=_CL)),
+    "one-channel": (lambda: torch.randn(2, 1, 6, 5).contiguous(memory_format=_CL),
+                    lambda: torch.randn(7, 1, 3, 3)),
+    "transposed": (lambda: torch.randn(2, 8, 5, 6).transpose(2, 3), lambda: torch.randn(7, 8, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_output_strides_are_conv2ds_and_the_fake_implementations(layout, float_convs):
+    """conv2d's CPU rule (channels_last when the input or the weight suggests it, NCHW for ambiguous
+    sizes): the same strides from the kernel, the float path and the op's fake implementation, which
+    torch.compile relies on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from reste_timm.nn.binary_conv import binary_conv2d, conv_arguments
+    from reste_timm.nn.estimators import hyperparameters
+
+    torch.manual_seed(4)
+    x, w = (make() for make in _LAYOUTS[layout])
+    pad = w.shape[-1] // 2
+    hp, conv = hyperparameters(2.0), conv_arguments([1, 1], [pad, pad], [1, 1], 1, True)
+    out = binary_conv2d(x, w, None, hp, conv, "reste", None)[0]
+    assert not float_convs
+    with native_kernels(False):
+        ref = binary_conv2d(x, w, None, hp, conv, "reste", None)[0]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = binary_conv2d(mode.from_tensor(x), mode.from_tensor(w), None, hp, conv, "reste", None)[0]
+    assert out.stride() == ref.stride() == fake.stride()
+    torch.testing.assert_close(out, ref, rtol=0, atol=32 * EPS32 * float(ref.abs().max()))

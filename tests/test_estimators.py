@@ -250,7 +250,7 @@ def test_opcheck_estimator_ops(kind, dtype):
                          ids=["nchw", "nhwc"])
 def test_opcheck_binary_conv(binarize_input, memory_format):
     x = torch.randn(2, 4, 7, 7).contiguous(memory_format=memory_format).requires_grad_()
-    w = torch.randn(6, 4, 3, 3).requires_grad_()
+    w = torch.randn(6, 4, 3, 3).contiguous(memory_format=memory_format).requires_grad_()
     b = torch.randn(6).requires_grad_()
     for bias, stride in ((None, [1, 1]), (b, [2, 2])):
         conv = conv_arguments(stride, [1, 1], [1, 1], 1, binarize_input)

@@ -5,7 +5,8 @@ residual sum; the deployed block runs all of that in the conv's epilogue and han
 conv its input as packed bits, so between two binary convs nothing leaves the kernel but bits and the
 float values a later residual needs. The float parts (stem, downsample convs, shortcuts, head) run as
 before, in channels_last. The result equals the source model's up to float rounding: the kernel's
-``dot * scale`` is exact where the float conv sums ``±scale`` terms, and a sign can flip where a value
+``dot * scale`` is exact where the float-simulated model's conv sums ``±scale`` terms (on CPU the source
+model's own forward runs the same kernel, but not the fused epilogue), and a sign can flip where a value
 lies within that rounding of 0.
 
 Models of other architectures still deploy: each 1W/1A ``BinaryConv2d`` becomes a

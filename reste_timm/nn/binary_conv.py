@@ -97,15 +97,17 @@ def _forward_impl(x, w, bias, conv, compute_dtype, bitwise):
 def _bitwise_output(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
                     conv: List[int]) -> Optional[torch.Tensor]:
     """``conv2d(sign(x), sign(w) * scale, bias)`` by the bitwise kernel (:mod:`reste_timm.nn.bitconv`),
-    in the memory format ``conv2d`` would give; None where it does not apply: not 1W/1A float32, groups
-    or dilation, an empty tensor, a weight that is exactly 0 (not a bit), no kernel (no C compiler), or
-    the C kernels turned off (:func:`~reste_timm.nn.estimators.native_kernels`).
+    with the strides ``conv2d`` (and the op's fake implementation) would give; None where it does not
+    apply: not 1W/1A float32, groups or dilation, an empty tensor, a weight that is exactly 0 (not a
+    bit), no kernel (no C compiler), or the C kernels turned off
+    (:func:`~reste_timm.nn.estimators.native_kernels`).
 
     The integer sums are exact, so the result differs from the float conv's only by the float conv's
     own rounding (it sums ``±scale`` terms one by one; here ``(float)sum * scale``, rounded once)."""
     stride, padding, dilation, groups, binarize_input = _unpack(conv)
     if not (binarize_input and groups == 1 and dilation == [1, 1] and x.dtype == w.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32) and x.numel() and native_allowed()):
+            and (bias is None or bias.dtype == torch.float32) and x.numel() and w.numel()
+            and native_allowed()):
         return None
     found = bitconv.kernel()
     if found is None:
@@ -119,8 +121,22 @@ def _bitwise_output(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     bits, mask, x_zeros = found.pack_signs(x)
     y = found.conv2d(bits, mask if x_zeros else None, weight_bits, list(w.shape), stride, padding,
                      float(scale), bias)[0]  # channels_last, as the kernel writes NHWC
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return y if channels_last else y.contiguous()
+    # conv2d's CPU rule (mkldnn and slow2d alike): channels_last when the input or the weight suggests it
+    return y if _suggests_channels_last(x) or _suggests_channels_last(w) else y.new_empty(y.shape).copy_(y)
+
+
+def _suggests_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t.suggest_memory_format()`` (ATen, not exposed in Python) is channels_last: ATen's
+    ``is_channels_last_strides_2d`` on the strides, with its fallbacks to NCHW for ambiguous sizes."""
+    if t.dim() != 4 or t.stride(1) == 0:
+        return False
+    low = 0
+    for d in (1, 3, 2, 0):
+        size, stride = t.size(d), t.stride(d)
+        if size == 0 or stride < low or (d == 0 and low == t.stride(1)):
+            return False
+        low = stride * size if size > 1 else stride
+    return True
 
 
 @binary_conv2d.register_kernel("cpu")
