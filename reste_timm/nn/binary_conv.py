@@ -112,12 +112,12 @@ def _bitwise_output(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     found = bitconv.kernel()
     if found is None:
         return None
-    weight_bits, zeros = found.pack_weights(w)
-    if zeros:
-        return None
     (kh, kw), (h, wd) = w.shape[2:], x.shape[2:]
     if h + 2 * padding[0] < kh or wd + 2 * padding[1] < kw:
         return None  # conv2d's own error
+    weight_bits, zeros = found.pack_weights(w)
+    if zeros:
+        return None
     bits, mask, x_zeros = found.pack_signs(x)
     y = found.conv2d(bits, mask if x_zeros else None, weight_bits, list(w.shape), stride, padding,
                      float(scale), bias)[0]  # channels_last, as the kernel writes NHWC

@@ -20,7 +20,8 @@
  * where Kvalid = (number of in-bound taps) * C counts real channels only (padding channels have a = w = 0,
  * so they add nothing to the xor popcount).  NaN is treated like 0 (mask bit 0), as a compare-based sign.
  *
- * Weights are packed once by bitconv_pack_weights into one uint64 buffer (see the layout comment there):
+ * Weights are packed by bitconv_pack_weights (once per deployed layer, at every training forward) into one
+ * uint64 buffer (see the layout comment there):
  * blocks of 16 output channels, each block [taps][words][16 lanes], so that one SIMD load fetches the same
  * tap word of 16 (AVX-512: 2 x 8, AVX2: 4 x 4, NEON: 8 x 2) output channels, and a per-tap popcount table
  * used to correct border pixels (see below).  Weights must not contain exact zeros (the packer counts them

@@ -1,4 +1,5 @@
-/* bitconv_pack.h -- packing weights (once per layer) and float activations into sign bits.
+/* bitconv_pack.h -- packing weights (once per deployed layer, every training step) and float activations
+ * into sign bits.
  * Part of bitconv.c, which includes it once (a single translation unit, so the compiler sees every
  * function when it inlines the micro-kernels and specializes the epilogue); not a standalone header. */
 
