@@ -21,6 +21,8 @@ assert "site-packages" in reste_timm.__file__, reste_timm.__file__  # the instal
 if shutil.which("cc") or shutil.which("gcc"):  # the wheel carries every C source and header they include
     from reste_timm.nn import bitconv, kernels
     assert kernels.library() is not None and bitconv.bitwise_available(), "a C kernel did not build"
+    if shutil.which("c++") or shutil.which("g++"):  # and the C++ file of the ops' CPU kernels
+        assert bitconv.native_ops(), "bitconv_op.cpp did not build"
 model = timm.create_model("local-dir:D/final", pretrained=True).eval()
 with torch.no_grad():
     logits = model(torch.zeros(1, 3, 32, 32))

@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .native import load_library
+from .native import load_library, load_op_library
 
 __all__ = ["Kernel", "bitwise_available", "bitwise_conv2d", "conv_list", "kernel", "kernel_path",
-           "pack_signs"]
+           "native_ops", "pack_signs"]
 
 _SOURCE = "bitconv.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -137,6 +137,10 @@ def kernel_path() -> str:
 # per-call Python checks cost more than the kernel itself on the small layers of a batch-1 network
 # (docs/performance.md). Inference only: no autograd formula (asked for a gradient through them, torch
 # warns and gives none; the deployed networks run under no_grad).
+# Two implementations: the CPU kernels of csrc/bitconv_op.cpp (C++, registered for the CPU key, built and
+# loaded by the first call of an op), and the Python ones below (ctypes), registered for
+# CompositeExplicitAutograd, which serve CPU until the C++ kernels are loaded, or for good where they cannot
+# be built (no C++ compiler). A CPU kernel takes precedence over the composite one, so nothing is overridden.
 
 torch.library.define("reste_timm::pack_signs", "(Tensor x) -> (Tensor, Tensor, Tensor)")
 torch.library.define("reste_timm::bitwise_conv2d",
@@ -153,8 +157,21 @@ def pack_signs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return torch.ops.reste_timm.pack_signs.default(x)
 
 
-@torch.library.impl("reste_timm::pack_signs", "cpu")
-def _pack_signs_cpu(x):
+def native_ops() -> bool:
+    """Whether the ops' C++ CPU kernels (``csrc/bitconv_op.cpp``) are loaded, building them on the first call
+    (about 10 s, once per machine and torch version; warns once where they cannot be built)."""
+    return load_op_library("bitconv_op.cpp", _SOURCE)
+
+
+def _cpu_only(t: torch.Tensor, op: str) -> None:
+    if t.device.type != "cpu":
+        raise NotImplementedError(f"reste_timm::{op} runs on CPU tensors only, got a tensor on {t.device}")
+
+
+@torch.library.impl("reste_timm::pack_signs", "CompositeExplicitAutograd")
+def _pack_signs_python(x):
+    _cpu_only(x, "pack_signs")
+    native_ops()  # later calls go to the C++ kernel where it builds
     bits, mask, zeros = kernel().pack_signs(x)
     return bits, mask, torch.scalar_tensor(zeros, dtype=torch.int64)
 
@@ -197,8 +214,10 @@ def bitwise_conv2d(bits: torch.Tensor, mask: Optional[torch.Tensor], weight: tor
                                                        residual)
 
 
-@torch.library.impl("reste_timm::bitwise_conv2d", "cpu")
-def _bitwise_conv2d_cpu(bits, mask, weight, conv, scale, bias=None, alpha=None, beta=None, residual=None):
+@torch.library.impl("reste_timm::bitwise_conv2d", "CompositeExplicitAutograd")
+def _bitwise_conv2d_python(bits, mask, weight, conv, scale, bias=None, alpha=None, beta=None, residual=None):
+    _cpu_only(bits, "bitwise_conv2d")
+    native_ops()
     y, ob, om, zeros = kernel().conv2d(bits, mask, weight, conv[0:4], conv[4:6], conv[6:8], scale, bias,
                                        bool(conv[8]), alpha, beta, residual, bool(conv[9]), bool(conv[10]))
     return y, ob, om, torch.scalar_tensor(zeros, dtype=torch.int64)

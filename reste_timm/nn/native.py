@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-__all__ = ["BASE_FLAGS", "cpu_features", "cpuinfo_line", "load_library", "native_enabled"]
+__all__ = ["BASE_FLAGS", "cpu_features", "cpuinfo_line", "load_library", "load_op_library", "native_enabled"]
 
 # No -ffast-math: NaN, comparisons and rounding keep IEEE semantics. The two -fno flags only let the
 # compiler assume no errno and no FP traps (unused here), which it needs to if-convert and vectorize;
@@ -35,6 +35,7 @@ BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "
 
 _lock = threading.Lock()
 _libraries: Dict[tuple, Optional[ctypes.CDLL]] = {}  # a cache of built libraries, not a switch
+_op_libraries: Dict[tuple, bool] = {}  # the op libraries tried in this process: loaded or not
 
 
 def native_enabled() -> bool:
@@ -123,3 +124,76 @@ def load_library(name: str, extra_flags: Sequence[str] = ()) -> Optional[ctypes.
         if cache_key not in _libraries:
             _libraries[cache_key] = _open(path, flags)
         return _libraries[cache_key]
+
+
+# ------------------------------------------------------------------------------ C++ op libraries
+# A C++ file that registers CPU kernels of ops defined in Python (TORCH_LIBRARY_IMPL), linked with the C
+# file whose functions it calls. It includes torch's headers, so it is built against the torch that runs
+# (its version is part of the cache key) with the C++ ABI that torch was built with; about 10 s once.
+
+def _torch_build_flags() -> list:
+    """Include and link flags of the running torch, as torch.utils.cpp_extension gives them for CPU
+    (not imported: its import logs a CUDA search on machines without CUDA)."""
+    import torch
+
+    root = Path(torch.__file__).parent
+    lib = root / "lib"
+    return [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            "-I", str(root / "include"), "-I", str(root / "include" / "torch" / "csrc" / "api" / "include"),
+            f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
+def _build_op(cc: str, cxx: str, c_path: Path, cpp_path: Path, flags: Sequence[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, out = Path(tmp) / "kernel.o", Path(tmp) / target.name
+        c_flags = [f for f in flags if f != "-shared"]
+        steps = ([cc, *c_flags, "-c", str(c_path), "-o", str(obj)],
+                 [cxx, "-O2", "-std=c++20", "-fPIC", "-shared", "-fopenmp", str(cpp_path), str(obj), "-o",
+                  str(out), *_torch_build_flags()])
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise OSError(f"{cmd[0]} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        os.replace(out, target)
+
+
+def _open_op(c_path: Path, cpp_path: Path, flags: Sequence[str]) -> bool:
+    import torch
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cc is None or cxx is None or platform.system() != "Linux":
+        warnings.warn(f"reste_timm: no C and C++ compiler (cc and c++, or $CC and $CXX): {cpp_path.name} is "
+                      f"not built, its ops run their Python implementation (slower calls)", RuntimeWarning,
+                      stacklevel=4)
+        return False
+    parts = [_sources(c_path), cpp_path.read_text(), *flags, cc, cxx, torch.__version__,
+             str(Path(torch.__file__).parent), platform.machine(), cpu_features()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{cpp_path.stem}_{key}.so"
+    try:
+        if not target.exists():
+            _build_op(cc, cxx, c_path, cpp_path, flags, target)
+        torch.ops.load_library(str(target))
+        return True
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"reste_timm: building {cpp_path.name} failed, its ops run their Python implementation "
+                      f"(slower calls): {err}", RuntimeWarning, stacklevel=4)
+        return False
+
+
+def load_op_library(cpp_name: str, c_name: str) -> bool:
+    """Builds ``csrc/<cpp_name>`` (linked with ``csrc/<c_name>``) on first use and loads it into torch's
+    dispatcher, registering the CPU kernels it defines; whether that succeeded.
+
+    Tried once per process (a failure warns once); False where :func:`native_enabled` is off.
+    """
+    if not native_enabled():
+        return False
+    csrc = Path(__file__).parent / "csrc"
+    key = (cpp_name, c_name)
+    with _lock:
+        if key not in _op_libraries:
+            _op_libraries[key] = _open_op(csrc / c_name, csrc / cpp_name, BASE_FLAGS)
+        return _op_libraries[key]

@@ -116,14 +116,17 @@ typedef struct {
    read zeros and whose results are discarded). */
 static void setup_tile(const bc_conv *restrict A, bc_scratch *restrict S, int64_t n, int64_t q0, int np) {
     int64_t ih0[BC_P], iw0[BC_P], pbase[BC_P];
+    /* one division per tile (not per pixel: a 64-bit division costs as much as a tap of the micro-kernel) */
+    const int64_t oh0 = q0 / A->OW, ow0 = q0 - oh0 * A->OW;
+    int64_t oh = oh0, ow = ow0;
     for (int p = 0; p < BC_P; p++) {
-        int64_t q = q0 + (p < np ? p : 0);
-        int64_t oh = q / A->OW, ow = q % A->OW;
+        if (p >= np) oh = oh0, ow = ow0; /* dummies repeat pixel q0 */
         ih0[p] = oh * A->sh - A->ph;
         iw0[p] = ow * A->sw - A->pw;
         pbase[p] = (ih0[p] * A->W + iw0[p]) * A->Cw;
         S->noob[p] = 0;
         S->base[p] = 0;
+        if (++ow == A->OW) ow = 0, oh++;
     }
     const int64_t Cw = A->Cw, H = A->H, W = A->W;
     const uint64_t *img = A->bits + n * H * W * Cw;
