@@ -36,7 +36,7 @@ def _cpu_flags() -> set:
 FLAGS = _cpu_flags()
 PATHS = [  # (id, extra compiler flags, expected path, can this CPU run it)
     ("native", (), None, True),
-    ("avx512-tile4x32", ("-DBC_P=4", "-DBC_NB=2"), "avx512",
+    ("avx512-tile7x16", ("-DBC_P=7", "-DBC_NB=1"), "avx512",
      X86 and {"avx512f", "avx512_vpopcntdq"} <= FLAGS),
     ("avx2", ("-DBITCONV_NO_AVX512",), "avx2", X86 and "avx2" in FLAGS),
     ("portable", ("-DBITCONV_PORTABLE",), "portable", True),
@@ -124,6 +124,24 @@ def test_conv_is_the_exact_dot_times_the_scale(kern, k, s, p, c, co, zeros):
         torch.set_num_threads(threads)
         y, _, _ = _conv(kern, x, w, (s, s), (p, p))
         assert torch.equal(y, dot.float() * float(w.abs().mean()))  # one rounding of an exact integer
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("n,c,hw,kernel,stride,padding", [
+    (2, 64, (11, 8), (3, 5), (2, 1), (1, 2)),  # rectangular, several images
+    (1, 70, (5, 6), (3, 3), (1, 1), (3, 3)),  # padding wider than the kernel: outputs with every tap outside
+    (3, 128, (4, 4), (1, 1), (1, 1), (1, 0)),  # a padded 1x1 conv: whole rows of outputs are 0
+    (1, 64, (13, 9), (3, 3), (2, 2), (2, 1))])
+def test_padded_path_borders(kern, n, c, hw, kernel, stride, padding):
+    """Inputs without exact zeros take the padded path (the bits copied with zero borders, each output
+    corrected by its class of out-of-bounds taps): exact over uneven borders and images."""
+    x = _rand(n, c, *hw, False, seed=c + sum(padding))
+    w = _weight(48, c, *kernel, seed=c)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y, ob, om = _conv(kern, x, w, stride, padding, out_bits=True)
+        assert torch.equal(y, _dot(x, w, stride, padding).float() * w.abs().mean())
+        assert torch.equal(_unpack(ob, 48, om), torch.sign(y))
     torch.set_num_threads(1)
 
 

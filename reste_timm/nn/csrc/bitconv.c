@@ -92,154 +92,11 @@
 #include "bitconv_pack.h"
 #include "bitconv_microkernels.h"
 #include "bitconv_epilogue.h"
+#include "bitconv_tiles.h"
 
 /* ----------------------------------------------------------------------------------------------------- */
-/* Tile setup + the main loop                                                                             */
+/* The main loop                                                                                          */
 /* ----------------------------------------------------------------------------------------------------- */
-
-typedef struct {
-    const uint64_t **ap, **mp; /* [T][BC_P] */
-    const uint64_t **wt;       /* [T] per active tap: its weights in block 0 (border tiles) */
-    const uint64_t **wt_all;   /* [T] the same for all taps in order (interior tiles) */
-    const uint64_t *const *wtp; /* the table of the current tile: wt or wt_all */
-    int *oob;                  /* [BC_P][T] out-of-bounds taps of each pixel (fast path correction) */
-    int noob[BC_P];
-    int32_t base[BC_P];
-    int nact;
-    uint64_t *patch, *pmask;   /* patch mode: [BC_P][K] gathered bits and mask */
-    int32_t *pc;               /* [BC_P][BC_NB*16] */
-    int32_t *corr;             /* [BC_P][16] */
-    const uint64_t *zero;      /* zero words (at least max(Cw, K)) */
-} bc_scratch;
-
-/* Builds the pointer table of the tile of pixels q0 .. q0+np-1 of image n (pixels >= np are dummies that
-   read zeros and whose results are discarded). */
-static void setup_tile(const bc_conv *restrict A, bc_scratch *restrict S, int64_t n, int64_t q0, int np) {
-    int64_t ih0[BC_P], iw0[BC_P], pbase[BC_P];
-    /* one division per tile (not per pixel: a 64-bit division costs as much as a tap of the micro-kernel) */
-    const int64_t oh0 = q0 / A->OW, ow0 = q0 - oh0 * A->OW;
-    int64_t oh = oh0, ow = ow0;
-    for (int p = 0; p < BC_P; p++) {
-        if (p >= np) oh = oh0, ow = ow0; /* dummies repeat pixel q0 */
-        ih0[p] = oh * A->sh - A->ph;
-        iw0[p] = ow * A->sw - A->pw;
-        pbase[p] = (ih0[p] * A->W + iw0[p]) * A->Cw;
-        S->noob[p] = 0;
-        S->base[p] = 0;
-        if (++ow == A->OW) ow = 0, oh++;
-    }
-    const int64_t Cw = A->Cw, H = A->H, W = A->W;
-    const uint64_t *img = A->bits + n * H * W * Cw;
-    const uint64_t *mimg = A->mask ? A->mask + n * H * W * Cw : NULL;
-    if (A->mode == BC_MODE_TAPS && np == BC_P && !mimg && q0 % A->OW + BC_P <= A->OW && ih0[0] >= 0 &&
-        ih0[0] + A->KH <= H && iw0[0] >= 0 && iw0[BC_P - 1] + A->KW <= W) {
-        /* interior tile (one output row, every tap in bounds for every pixel): no checks, no correction */
-        const int64_t T = A->T;
-        for (int64_t t = 0; t < T; t++)
-            for (int p = 0; p < BC_P; p++) S->ap[t * BC_P + p] = img + pbase[p] + A->toff[t];
-        for (int p = 0; p < BC_P; p++) S->base[p] = (int32_t)(T * A->C);
-        S->wtp = S->wt_all;
-        S->nact = (int)T;
-        return;
-    }
-    S->wtp = S->wt;
-    if (A->mode == BC_MODE_TAPS) {
-        int nact = 0;
-        for (int kh = 0; kh < A->KH; kh++) {
-            int rowok[BC_P], anyrow = 0;
-            for (int p = 0; p < BC_P; p++) {
-                rowok[p] = p < np && (uint64_t)(ih0[p] + kh) < (uint64_t)H;
-                anyrow |= rowok[p];
-            }
-            if (!anyrow) continue; /* this kernel row is padding for every pixel of the tile */
-            for (int kw = 0; kw < A->KW; kw++) {
-                const int t = kh * A->KW + kw;
-                const int64_t off = A->toff[t];
-                int valid[BC_P], any = 0;
-                for (int p = 0; p < BC_P; p++) {
-                    valid[p] = rowok[p] && (uint64_t)(iw0[p] + kw) < (uint64_t)W;
-                    any |= valid[p];
-                }
-                if (!any) continue;
-                S->wt[nact] = A->wdata + (int64_t)t * A->K * BC_OB;
-                const uint64_t **ap = S->ap + nact * BC_P;
-                if (mimg) {
-                    const uint64_t **mp = S->mp + nact * BC_P;
-                    for (int p = 0; p < BC_P; p++) {
-                        ap[p] = valid[p] ? img + pbase[p] + off : S->zero;
-                        mp[p] = valid[p] ? mimg + pbase[p] + off : S->zero;
-                        if (valid[p])
-                            for (int64_t k = 0; k < Cw; k++) S->base[p] += pop64(mimg[pbase[p] + off + k]);
-                    }
-                } else {
-                    for (int p = 0; p < BC_P; p++) {
-                        ap[p] = valid[p] ? img + pbase[p] + off : S->zero;
-                        S->base[p] += valid[p];
-                        if (!valid[p] && p < np) S->oob[p * A->T + S->noob[p]++] = t;
-                    }
-                }
-                nact++;
-            }
-        }
-        if (!mimg)
-            for (int p = 0; p < BC_P; p++) S->base[p] *= (int32_t)A->C; /* valid taps * real channels */
-        S->nact = nact;
-    } else {
-        /* patch mode (C < 64, one input word per pixel): gather the in-bound taps' C bits of each pixel into
-           a contiguous bit string, tap-major; out-of-bounds taps stay 0 (correction / zero mask). */
-        const int64_t K = A->K, C = A->C;
-        const uint64_t cmask = (1ULL << C) - 1ULL; /* C < 64 here */
-        for (int p = 0; p < BC_P; p++) {
-            uint64_t *pb = S->patch + p * K, *pm = S->pmask + p * K;
-            memset(pb, 0, (size_t)K * sizeof(uint64_t));
-            if (mimg) memset(pm, 0, (size_t)K * sizeof(uint64_t));
-            if (p >= np) continue;
-            for (int kh = 0; kh < A->KH; kh++) {
-                int64_t ih = ih0[p] + kh;
-                for (int kw = 0; kw < A->KW; kw++) {
-                    int t = kh * A->KW + kw;
-                    int64_t iw = iw0[p] + kw;
-                    if ((uint64_t)ih >= (uint64_t)H || (uint64_t)iw >= (uint64_t)W) {
-                        if (!mimg) S->oob[p * A->T + S->noob[p]++] = t;
-                        continue;
-                    }
-                    int64_t off = ih * W + iw; /* Cw == 1 */
-                    uint64_t v = img[off] & cmask;
-                    int64_t pos = (int64_t)t * C, wi = pos >> 6, sh = pos & 63;
-                    pb[wi] |= v << sh;
-                    if (sh + C > 64) pb[wi + 1] |= v >> (64 - sh);
-                    if (mimg) {
-                        uint64_t mv = mimg[off] & cmask;
-                        pm[wi] |= mv << sh;
-                        if (sh + C > 64) pm[wi + 1] |= mv >> (64 - sh);
-                        S->base[p] += pop64(mv);
-                    } else {
-                        S->base[p] += (int32_t)C;
-                    }
-                }
-            }
-        }
-        S->wt[0] = A->wdata;
-        for (int p = 0; p < BC_P; p++) {
-            S->ap[p] = S->patch + p * K;
-            S->mp[p] = S->pmask + p * K;
-        }
-        S->nact = 1;
-    }
-}
-
-/* Fast path only: the zero words read at pixel p's out-of-bounds taps added popcount(w_tap) to its xor count;
-   returns the sum of those popcounts for the 16 channels of block blk (in S->corr[p]). */
-BC_INLINE const int32_t *oob_corr(const bc_conv *restrict A, bc_scratch *restrict S, int p, int64_t blk) {
-    int32_t *c = S->corr + p * BC_OB;
-    const int32_t *wp = A->wpop + (blk * A->T + S->oob[p * A->T]) * BC_OB;
-    for (int o = 0; o < BC_OB; o++) c[o] = wp[o];
-    for (int u = 1; u < S->noob[p]; u++) {
-        wp = A->wpop + (blk * A->T + S->oob[p * A->T + u]) * BC_OB;
-        for (int o = 0; o < BC_OB; o++) c[o] += wp[o];
-    }
-    return c;
-}
 
 /* The fused epilogue of blocks [b0, b0 + nb) of the current tile from the raw counts in S->pc; block-major:
    per-channel vectors loaded once per block.  F: the options, as in epi_vec (-1: read from A). */
@@ -254,14 +111,14 @@ BC_INLINE int64_t epi_blocks(const int F, const bc_conv *restrict A, bc_scratch 
         if (A->Cout - blk * BC_OB >= BC_OB) {
             const epi_consts k = epi_load(F, A, blk * BC_OB);
             for (int p = 0; p < np; p++) {
-                const int32_t *corr = S->noob[p] ? oob_corr(A, S, p, blk) : NULL;
+                const int32_t *corr = pix_corr(A, S, p, blk);
                 zeros += epi_vec(F, A, v_dot(S->base[p], pc + p * BC_OB * nb, corr, A->scale), k, pix0 + p, blk);
             }
         } else
 #endif
         {
             for (int p = 0; p < np; p++) {
-                const int32_t *corr = S->noob[p] ? oob_corr(A, S, p, blk) : NULL;
+                const int32_t *corr = pix_corr(A, S, p, blk);
                 zeros += epilogue_scalar(A, pix0 + p, blk, pc + p * BC_OB * nb, S->base[p], corr);
             }
         }
@@ -286,7 +143,7 @@ BC_INLINE int64_t run_direct(const int F, const int NB, const bc_conv *restrict 
 #pragma GCC unroll 16
         for (int p = 0; p < BC_P; p++) {
             if (p >= np) break;
-            const int32_t *corr = S->noob[p] ? oob_corr(A, S, p, blk) : NULL;
+            const int32_t *corr = pix_corr(A, S, p, blk);
             const v16 y = v_dot_sums(S->base[p], sums16(acc[p][2 * b], acc[p][2 * b + 1]), corr, A->scale);
             zeros += epi_vec(F, A, y, k, pix0 + p, blk);
         }
@@ -413,11 +270,24 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
         free(pb); free(pa); free(pbe); free(zero); free(toff);
         return -4;
     }
-    for (int64_t t = 0; t < A.T; t++) toff[t] = ((t / KW) * W + (t % KW)) * A.Cw;
-    A.toff = toff;
     A.bias = pb; A.alpha = pa; A.beta = pbe;
-
     nthreads = clamp_threads(nthreads);
+    /* taps mode without a zero mask: the padded path where its tables and the padded copy fit in memory */
+    void *cls_mem[2] = {NULL, NULL};
+    uint64_t *padded = NULL;
+    if (A.mode == BC_MODE_TAPS && !mask && build_classes(&A, H, W, cls_mem) == 0 && (ph || pw)) {
+        padded = pad_bits(bits, N, H, W, A.Cw, ph, pw, nthreads);
+        if (padded) {
+            A.bits = padded;
+            A.H = H + 2 * ph;
+            A.W = W + 2 * pw;
+        } else {
+            A.padded = 0;
+        }
+    }
+    for (int64_t t = 0; t < A.T; t++) toff[t] = ((t / KW) * A.W + (t % KW)) * A.Cw;
+    A.toff = toff;
+
     const int64_t npix = OH * OW;
     const int64_t tiles_img = (npix + BC_P - 1) / BC_P, ntiles = N * tiles_img;
     /* Split the output channels into chunks when there are too few tiles to balance the threads. */
@@ -479,6 +349,7 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
         }
     }
     free(pb); free(pa); free(pbe); free(zero); free(toff);
+    free(padded); free(cls_mem[0]); free(cls_mem[1]);
     if (fail) return -4;
     return out_bits ? zeros : 0;
 }

@@ -25,6 +25,12 @@ typedef struct {
     float *out;
     uint64_t *obits, *omask;
     int epi_flags; /* bit 0 bias, 1 relu, 2 affine, 3 residual, 4 float out, 5 bits, 6 mask */
+    /* the padded path (bitconv_tiles.h): bits, H and W are the padded input's; each output pixel's class
+       (rcls[oh] * nccls + ccls[ow]) gives its base cbase[] and correction ccorr[][nblk * 16]; class cint (-1:
+       none) has every tap in bounds */
+    int padded, nccls;
+    int64_t cint;
+    const int32_t *rcls, *ccls, *cbase, *ccorr;
 } bc_conv;
 
 /* Stores the 16 sign / nonzero bits of block blk of pixel pix (bits >= nv cleared).  Returns the number of

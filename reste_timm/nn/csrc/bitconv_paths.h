@@ -31,10 +31,10 @@
    handles (BC_NB).  Overridable with -D for experiments. */
 #if defined(BC_PATH_AVX512)
 #ifndef BC_P
-#define BC_P 7
+#define BC_P 6 /* 6 x 2 blocks: 24 accumulators, 4 weight registers, a broadcast (docs/performance.md) */
 #endif
 #ifndef BC_NB
-#define BC_NB 1
+#define BC_NB 2
 #endif
 #elif defined(BC_PATH_AVX2)
 #ifndef BC_P
