@@ -61,9 +61,11 @@ BC_INLINE void mk_avx512_sums(const int NB, const int MASK, const uint64_t *cons
     }
 }
 
-/* The 16 int32 sums of one block from its two registers of int64 lanes. */
+/* The 16 int32 sums of one block from its two registers of int64 lanes: the low halves of the lanes (the sums
+   are far below 2^31), lo's then hi's, picked by one two-source permute. */
 BC_INLINE __m512i sums16(__m512i lo, __m512i hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_epi32(lo, even, hi);
 }
 
 BC_INLINE void mk_avx512(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
