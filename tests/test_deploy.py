@@ -152,6 +152,17 @@ def test_without_a_compiler_deploy_warns_once_and_keeps_float_weights(monkeypatc
     _assert_predicts_as(deployed, model, torch.randn(2, 3, 32, 32))
 
 
+def test_fused_networks_run_in_inference_mode():
+    """The fused forward records nothing for autograd, whatever mode the caller is in."""
+    deployed = deploy(timm.create_model("resnet20_1w1a_reste"))
+    with torch.enable_grad():
+        out = deployed(torch.randn(1, 3, 32, 32, requires_grad=True))
+    assert out.is_inference() and not out.requires_grad
+    copy_ = out.clone()
+    copy_ += 1  # a clone outside inference mode is an ordinary tensor
+    assert torch.equal(copy_, out + 1)
+
+
 def test_load_packed_with_deploy(tmp_path):
     torch.manual_seed(5)
     model = _trained_like(timm.create_model("resnet18_cifar_1w1a_reste"))

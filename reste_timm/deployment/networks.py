@@ -116,7 +116,7 @@ class _DeployedResNet(nn.Module):
             return fused.step2(out, residual=out.value)
         return fused.step2(fused.step1(x, need_value=False), residual=shortcut)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # inference only: no autograd bookkeeping around its many small ops
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = _Packed.of(self._stem(x))
         for stage in self.stages:
@@ -137,7 +137,7 @@ class _DeployedVGGSmall(nn.Module):
             if step.bitwise is not None:  # packed now: the float weight is not kept twice
                 setattr(model, f"conv{i}", nn.Identity())
 
-    @torch.no_grad()
+    @torch.inference_mode()  # inference only: no autograd bookkeeping around its many small ops
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.source
         x = m.bn0(m.act0(m.conv0(x.contiguous(memory_format=torch.channels_last))))
@@ -157,6 +157,9 @@ def deploy(model: nn.Module) -> nn.Module:
     The paper's networks (timm's ``resnet20*``, ``resnet18_cifar*``, ``vgg_small*``, ``resnet18/34*``)
     get whole blocks fused; any other model gets each 1W/1A ``BinaryConv2d`` replaced. The source model
     is not changed. Without a C compiler this warns once and returns the eval copy unchanged.
+
+    The fused networks run under ``torch.inference_mode()``: their outputs are inference tensors (read
+    them freely; ``clone()`` one to change it in place outside inference mode).
     """
     return _deployed(copy.deepcopy(model))
 
