@@ -111,6 +111,19 @@ def test_cuda_tensors_are_refused_by_the_python_kernel():
         bitconv.pack_signs(torch.randn(1, 8, 4, 4, device="cuda"))
 
 
+def test_deploy_loads_the_cpp_kernels_before_the_first_forward():
+    """In a fresh process, deploy() builds (or finds) and loads the C++ kernels: no first-call stall."""
+    code = """
+import torch, timm, reste_timm
+assert not torch._C._dispatch_has_kernel_for_dispatch_key("reste_timm::bitwise_conv2d", "CPU")
+reste_timm.deploy(timm.create_model("resnet20_1w1a_reste"))
+assert torch._C._dispatch_has_kernel_for_dispatch_key("reste_timm::bitwise_conv2d", "CPU")
+print("loaded at deploy")
+"""
+    proc = run_script([sys.executable, "-c", code])
+    assert proc.returncode == 0 and "loaded at deploy" in proc.stdout, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_without_a_cpp_compiler_the_python_kernels_serve(tmp_path):
     """A fresh process whose C++ compiler fails: one warning, no CPU kernel registered, the same results."""

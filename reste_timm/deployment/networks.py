@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..files import PathLike
 from ..hub.packed import load_packed as load_packed_float
 from ..models import BinaryResNet, CifarResNet, VGGSmall
+from ..nn.bitconv import native_ops
 from ..nn.layers import BinaryConv2d, replace_binary_layers
 from .bitwise import BitwiseConv2d, bitwise_available, bn_affine, pack_signs
 
@@ -171,6 +172,7 @@ def _deployed(model: nn.Module) -> nn.Module:
         warnings.warn("reste_timm.deploy: the bitwise kernel could not be built (no C compiler): the model "
                       "keeps its float weights", RuntimeWarning, stacklevel=3)
         return model
+    native_ops()  # the ops' C++ kernels: built (once per machine) and loaded now, not in the first forward
     features_only = getattr(model, "forward_head", None) is None
     if isinstance(model, (CifarResNet, BinaryResNet)) and not features_only:
         return _DeployedResNet(model).eval()

@@ -136,11 +136,12 @@ def kernel_path() -> str:
 # that torch.compile and torch.export trace through their fake implementations, but custom_op's
 # per-call Python checks cost more than the kernel itself on the small layers of a batch-1 network
 # (docs/performance.md). Inference only: no autograd formula (asked for a gradient through them, torch
-# warns and gives none; the deployed networks run under no_grad).
+# warns and gives none; the deployed networks run under inference_mode).
 # Two implementations: the CPU kernels of csrc/bitconv_op.cpp (C++, registered for the CPU key, built and
-# loaded by the first call of an op), and the Python ones below (ctypes), registered for
-# CompositeExplicitAutograd, which serve CPU until the C++ kernels are loaded, or for good where they cannot
-# be built (no C++ compiler). A CPU kernel takes precedence over the composite one, so nothing is overridden.
+# loaded by reste_timm.deploy or else by the first call of an op), and the Python ones below (ctypes),
+# registered for CompositeExplicitAutograd, which serve CPU until the C++ kernels are loaded, or for good
+# where they cannot be built (no C++ compiler). A CPU kernel takes precedence over the composite one, so
+# nothing is overridden.
 
 torch.library.define("reste_timm::pack_signs", "(Tensor x) -> (Tensor, Tensor, Tensor)")
 torch.library.define("reste_timm::bitwise_conv2d",
