@@ -169,8 +169,9 @@ def train_binary_weights_only(estimator: str):
 
 
 def test_binary_latent_weights_alone_lower_the_loss():
-    # Measured, 30 Adam steps (lr 3e-3) on the 18 binary convs only, seeds 0-3: the loss fell 3.7x-10x
-    # (seed 0: 3.42 -> 0.34); with the flipped gradient it rose in every run (0.78x-0.92x).
+    # Measured, 30 Adam steps (lr 3e-3) on the 18 binary convs only, seeds 0-3, one thread: the loss fell
+    # 3.7x-10x on an AMD EPYC, 4.5x-10.3x on an Intel Xeon (seed 0: 3.45 -> 0.33); with the flipped
+    # gradient it never fell by more than 1.03x.
     before, after, model, frozen = train_binary_weights_only("reste")
     assert after <= before / 2, f"loss {before:.3f} -> {after:.3f}"
     for key, value in model.named_parameters():
@@ -194,12 +195,14 @@ class _NegatedReste(torch.autograd.Function):
 
 
 def test_binary_weights_test_fails_with_a_flipped_estimator_gradient():
-    """The test above is discriminative: the same training with ReSTE's gradient negated raises the
-    loss (a registered function estimator: no library code is patched)."""
+    """The test above is discriminative: with ReSTE's gradient negated (a registered function estimator:
+    no library code is patched), the same training fails its criterion. Not "the loss rises": with a
+    wrong gradient the loss wanders, and on an Intel Xeon seed 0 fell 3.42 -> 3.31 (it rose on an AMD
+    EPYC), while the correct gradient cut it 3.7x-10x."""
     name = "reste_negated_for_test"
     register_estimator(name)(lambda x, o, progress: _NegatedReste.apply(x, o))
     try:
         before, after, _, _ = train_binary_weights_only(name)
     finally:
         estimators_module._ESTIMATORS.pop(name)
-    assert after > before, f"a flipped gradient lowered the loss: {before:.3f} -> {after:.3f}"
+    assert after > before / 2, f"a flipped gradient passes the test above: {before:.3f} -> {after:.3f}"
