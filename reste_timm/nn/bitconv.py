@@ -8,6 +8,9 @@ the reference; exact zeros of ``sign`` (an activation that is exactly 0) travel 
 only where they occur. An epilogue fuses what follows a binary conv in the paper's networks: bias,
 relu, the eval BatchNorm (``fmaf(y, alpha, beta)``), a residual, and the sign-and-pack of the result
 for the next binary conv. Float outputs are NHWC, i.e. channels_last tensors in torch's NCHW shape.
+Where the CPU has Intel AMX and a packed weight carries its int8 copy (:meth:`Kernel.pack_weights` with
+``amx=True``, as the deployed layers pack), the same integer sums come from the AMX tiles on signs
+unpacked to ±1 bytes (``csrc/bitconv_amx.h``); the outputs are identical.
 
 Users: the forward of :func:`reste_timm.nn.binary_conv.binary_conv2d` on CPU (training and plain
 inference), and the deployed networks of :mod:`reste_timm.deployment`, which chain the fused epilogues.
@@ -24,13 +27,14 @@ import torch
 
 from .native import load_library, load_op_library
 
-__all__ = ["Kernel", "bitwise_available", "bitwise_conv2d", "conv_list", "kernel", "kernel_path",
-           "native_ops", "pack_signs"]
+__all__ = ["Kernel", "amx_copy_bytes", "bitwise_available", "bitwise_conv2d", "conv_list", "kernel",
+           "kernel_path", "native_ops", "pack_signs"]
 
 _SOURCE = "bitconv.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "bitconv_path": ([], ctypes.c_char_p),
+    "bitconv_amx": ([], _INT),
     "bitconv_weight_words": ([_I64, _I64, _INT, _INT, _INT], _I64),
     "bitconv_pack_weights": ([_P, _I64, _I64, _INT, _INT, _INT, _P, _INT], _I64),
     "bitconv_pack_signs_nhwc": ([_P, _I64, _I64, _P, _P, _INT], _I64),
@@ -38,6 +42,16 @@ _SIGNATURES = {
     "bitconv_conv2d": ([_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _INT, _INT, _INT, _INT, _INT, _INT,
                         _F, _P, _INT, _P, _P, _P, _P, _P, _P, _INT], _I64),
 }
+
+
+_WITH_AMX = 16  # bitconv_paths.h: BC_WITH_AMX
+_H_MODE = 4  # header word: the mode, and the int8 copy's word offset in its high 32 bits
+
+
+def amx_copy_bytes(packed: torch.Tensor) -> int:
+    """Bytes of the AMX path's int8 weight copy inside a packed weight buffer (0 where it has none)."""
+    offset = int(packed[_H_MODE]) >> 32
+    return 0 if offset == 0 else (packed.numel() - offset) * 8
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -61,14 +75,17 @@ class Kernel:
             getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
         self.lib = lib
         self.path = lib.bitconv_path().decode()
+        self.amx = bool(lib.bitconv_amx())  # the AMX int8 path can run here (csrc/bitconv_amx.h)
 
-    def pack_weights(self, w: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    def pack_weights(self, w: torch.Tensor, amx: bool = False) -> Tuple[torch.Tensor, int]:
         """``(packed int64 words, exact zeros)`` of a float ``[Cout, Cin, KH, KW]`` weight's signs
-        (a zero is packed as +1: the caller corrects for it or keeps the layer in float)."""
+        (a zero is packed as +1: the caller corrects for it or keeps the layer in float). ``amx``: append
+        the AMX path's int8 copy where that path takes the layer here (see :func:`amx_copy_bytes`)."""
         w = w.detach().float().cpu().contiguous()
         cout, cin, kh, kw = w.shape
-        packed = torch.empty(self.lib.bitconv_weight_words(cout, cin, kh, kw, 0), dtype=torch.int64)
-        zeros = self.lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, 0, packed.data_ptr(),
+        mode = _WITH_AMX if amx else 0
+        packed = torch.empty(self.lib.bitconv_weight_words(cout, cin, kh, kw, mode), dtype=torch.int64)
+        zeros = self.lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, mode, packed.data_ptr(),
                                               torch.get_num_threads())
         return packed, int(zeros)
 

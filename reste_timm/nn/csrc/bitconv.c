@@ -53,12 +53,16 @@
  * Code paths (preprocessor): AVX-512 VPOPCNTDQ, AVX2 (nibble-LUT vpshufb popcount with byte accumulators),
  * aarch64 NEON (vcntq_u8 + pairwise widening adds), portable C (__builtin_popcountll).  -DBITCONV_PORTABLE
  * forces the portable path, -DBITCONV_NO_AVX512 skips the AVX-512 path.  bitconv_path() names the path.
+ * On the AVX-512 path, where the CPU has Intel AMX (and Linux grants its tiles), a weight packed with its int8
+ * copy (BC_WITH_AMX) runs on the tiles instead: bitconv_amx.h; -DBITCONV_NO_AMX leaves that out.
  *
  * Threads: OpenMP over (pixel tile, output-channel chunk) work items, thread count passed per call.  All
- * functions are reentrant (no global mutable state); per-call scratch is malloc'd.
+ * functions are reentrant; per-call scratch is malloc'd.  The one global is the AMX path's cached answer to
+ * "may this process use the tiles" (bitconv_amx.h: asked once, the same for every thread).
  * Byte order: the packed outputs are written in 16-bit pieces, which assumes a little-endian machine
  * (x86-64, aarch64).
  */
+#define _DEFAULT_SOURCE /* syscall(), for the AMX path's permission request */
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -176,6 +180,8 @@ BC_INLINE int64_t run_direct_nb(const int F, const bc_conv *restrict A, bc_scrat
     default: return fn(-1, __VA_ARGS__);         \
     }
 
+#include "bitconv_amx.h" /* uses BC_BY_OPTIONS */
+
 /* Runs the micro-kernel on blocks [b0, b0 + nb) of the current tile and applies the epilogue. */
 static int64_t run_blocks(const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0, int np, int64_t b0, int nb) {
     const int masked = A->mask != NULL;
@@ -244,7 +250,7 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
     A.bits = bits;
     A.mask = mask;
     A.N = N; A.H = H; A.W = W; A.C = C; A.Cw = (C + 63) / 64;
-    A.mode = (int)wpacked[H_MODE];
+    A.mode = (int)(wpacked[H_MODE] & 0xff);
     A.K = (int64_t)wpacked[H_KW_WORDS];
     A.nblk = (int64_t)wpacked[H_NBLK];
     A.T = (int64_t)KH * KW;
@@ -272,6 +278,14 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
     }
     A.bias = pb; A.alpha = pa; A.beta = pbe;
     nthreads = clamp_threads(nthreads);
+#if defined(BC_HAVE_AMX)
+    const int64_t amx_off = (int64_t)(wpacked[H_MODE] >> 32);
+    if (amx_off && A.mode == BC_MODE_TAPS && Cout % 64 == 0 && amx_usable() && amx_takes(&A)) {
+        const int64_t z = amx_conv(&A, wpacked, amx_off, nthreads);
+        free(pb); free(pa); free(pbe); free(zero); free(toff);
+        return z;
+    }
+#endif
     /* taps mode without a zero mask: the padded path where its tables and the padded copy fit in memory */
     void *cls_mem[2] = {NULL, NULL};
     uint64_t *padded = NULL;

@@ -16,6 +16,8 @@ static int64_t kwords(int64_t Cin, int64_t T, int mode) {
 /* Size in uint64 words of the packed weight buffer for the given shape and mode (0 = taps, 1 = patch;
    patch mode requires Cin < 64).  Returns -1 for an invalid request. */
 BC_API int64_t bitconv_weight_words(int64_t Cout, int64_t Cin, int KH, int KW, int mode) {
+    const int amx = mode & BC_WITH_AMX;
+    mode &= ~BC_WITH_AMX;
     if (Cout <= 0 || Cin <= 0 || KH <= 0 || KW <= 0) return -1;
     if (mode != BC_MODE_TAPS && mode != BC_MODE_PATCH) return -1;
     if (mode == BC_MODE_PATCH && Cin >= 64) return -1;
@@ -23,6 +25,11 @@ BC_API int64_t bitconv_weight_words(int64_t Cout, int64_t Cin, int KH, int KW, i
     int64_t ntap_rows = mode == BC_MODE_PATCH ? 1 : T;
     int64_t data = nblk * ntap_rows * kwords(Cin, T, mode) * BC_OB;
     int64_t pop = (nblk * T * BC_OB + 1) / 2; /* int32 table, two per word */
+#if defined(BC_HAVE_AMX)
+    if (amx) pop += amx_weight_words(Cout, Cin, T, mode);
+#else
+    (void)amx;
+#endif
     return BC_HDR + data + pop;
 }
 
@@ -47,6 +54,8 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
                                     uint64_t *out, int nthreads) {
     int64_t total = bitconv_weight_words(Cout, Cin, KH, KW, mode);
     if (total < 0 || !w || !out) return -1;
+    const int amx = mode & BC_WITH_AMX;
+    mode &= ~BC_WITH_AMX;
     int64_t T = (int64_t)KH * KW, nblk = (Cout + BC_OB - 1) / BC_OB;
     int64_t K = kwords(Cin, T, mode);
     int64_t rows = mode == BC_MODE_PATCH ? 1 : T;
@@ -60,6 +69,9 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
     out[H_KW_WORDS] = (uint64_t)K;
     out[H_NBLK] = (uint64_t)nblk;
     out[H_POP_OFF] = (uint64_t)(BC_HDR + data_words);
+    const int64_t amx_off = BC_HDR + data_words + (nblk * T * BC_OB + 1) / 2;
+    const int with_amx = amx && total > amx_off;
+    if (with_amx) out[H_MODE] |= (uint64_t)amx_off << 32;
     uint64_t *data = out + BC_HDR;
     int32_t *pop = (int32_t *)(out + BC_HDR + data_words);
     int64_t zeros = 0;
@@ -88,6 +100,11 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
                 }
             }
         }
+#if defined(BC_HAVE_AMX)
+        if (with_amx) amx_pack_weights(data, nblk, T, K, Cin, (int8_t *)(out + amx_off), nthreads);
+#else
+        (void)with_amx;
+#endif
         return zeros;
     }
     for (int64_t oc = 0; oc < Cout; oc++) { /* patch mode (Cin < 64): bits run across taps */

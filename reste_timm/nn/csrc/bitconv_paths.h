@@ -56,8 +56,22 @@
 /* Packed weight header (8 words = 64 bytes, so the data stays 64-byte aligned if the buffer is). */
 #define BC_MAGIC 0x3157434255ULL /* "UBCW1" */
 enum { BC_MODE_TAPS = 0, BC_MODE_PATCH = 1 };
+/* H_MODE: the mode in the low byte; the word offset of the int8 copy for the AMX path (bitconv_amx.h) in the
+   high 32 bits, 0 where there is none. */
 enum { H_MAGIC, H_COUT, H_CIN, H_KHKW, H_MODE, H_KW_WORDS, H_NBLK, H_POP_OFF };
 #define BC_HDR 8
+/* bitconv_weight_words / bitconv_pack_weights: mode | BC_WITH_AMX appends the AMX path's int8 copy where the
+   path takes the layer (taps mode, Cout a multiple of 64) and this CPU and OS allow it. */
+#define BC_WITH_AMX 16
+
+/* The AMX path (bitconv_amx.h): x86-64 Linux, the AVX-512 path, a compiler that knows the tile intrinsics. */
+#if defined(BC_PATH_AVX512) && defined(__x86_64__) && defined(__linux__) && !defined(BITCONV_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define BC_HAVE_AMX 1
+static int64_t amx_weight_words(int64_t Cout, int64_t Cin, int64_t T, int mode);
+static void amx_pack_weights(const uint64_t *data, int64_t nblk, int64_t T, int64_t K, int64_t Cin, int8_t *out,
+                             int nthreads);
+#endif
 
 BC_INLINE int pop64(uint64_t x) {
 #if defined(__GNUC__)
