@@ -24,6 +24,7 @@ from timing import interleaved, stats
 
 import reste_timm
 from reste_timm.deployment.bitwise import BitwiseConv2d, bn_affine, kernel_path, pack_signs
+from reste_timm.nn.bitconv import amx_copy_bytes, kernel
 
 RESNET18_LAYERS = [  # (input side, C_in, C_out, stride, how many in the network)
     (56, 64, 64, 1, 4), (56, 64, 128, 2, 1), (28, 128, 128, 1, 3), (28, 128, 256, 2, 1),
@@ -117,9 +118,11 @@ def weight_memory() -> dict:
     model = timm.create_model("resnet18_1w1a_reste")
     deployed = reste_timm.deploy(model)
     float_bytes = sum(m.weight.numel() * 4 for m in reste_timm.binary_layers(model))
-    packed = sum(m.weight_bits.numel() * 8 for m in deployed.modules() if isinstance(m, BitwiseConv2d))
+    layers = [m.weight_bits for m in deployed.modules() if isinstance(m, BitwiseConv2d)]
+    amx = sum(amx_copy_bytes(w) for w in layers)
+    packed = sum(w.numel() * 8 for w in layers) - amx
     return {"model": "resnet18_1w1a_reste", "binary_float32_bytes": float_bytes, "packed_bytes": packed,
-            "ratio": float_bytes / packed}
+            "ratio": float_bytes / packed, "amx_int8_bytes": amx}
 
 
 def bench_deploy(quick: bool, threads: int) -> dict:
@@ -128,7 +131,8 @@ def bench_deploy(quick: bool, threads: int) -> dict:
     layers = {b: bench_layers(b, rounds) for b in ((1,) if quick else (1, 8))}
     models = bench_models((1,) if quick else (1, 8), (threads,) if quick else (1, 2), rounds)
     torch.set_num_threads(threads)
-    return {"kernel_path": kernel_path(), "layers": layers, "models": models, "memory": weight_memory()}
+    path = kernel_path() + (" + amx" if kernel().amx else "")
+    return {"kernel_path": path, "layers": layers, "models": models, "memory": weight_memory()}
 
 
 def print_deploy(res: dict) -> None:
@@ -149,4 +153,6 @@ def print_deploy(res: dict) -> None:
               f"{r['ratio']:5.1f}x ({r['ratio_paired']:.1f}x)  same top-1: {r['same_top1']}")
     m = res["memory"]
     print(f"Weight memory of the binary convs, {m['model']}: {m['binary_float32_bytes'] / 1e6:.2f} MB "
-          f"float32 -> {m['packed_bytes'] / 1e6:.2f} MB packed ({m['ratio']:.1f}x less)")
+          f"float32 -> {m['packed_bytes'] / 1e6:.2f} MB packed ({m['ratio']:.1f}x less)"
+          + (f", plus {m['amx_int8_bytes'] / 1e6:.2f} MB of int8 copies for the AMX path on this CPU"
+             if m.get("amx_int8_bytes") else ""))

@@ -186,3 +186,21 @@ def test_export_deploy_command_writes_a_packed_folder_that_deploys(tmp_path):
         warnings.simplefilter("error")
         deployed = load_packed(tmp_path / "deploy", deploy=True)
     _assert_predicts_as(deployed, model, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("negative_scale", [False, True])
+def test_imagenet_stem_pools_first_exactly_where_the_batchnorm_scales_are_positive(negative_scale):
+    """The deployed ImageNet stem runs relu and BatchNorm after the max-pool (they are non-decreasing,
+    roundings included, when every BatchNorm scale is positive): bit for bit the source's stem; a negative
+    scale keeps the source's order."""
+    model = _trained_like(timm.create_model("resnet18_1w1a_reste")).eval()
+    with torch.no_grad():
+        model.bn1.weight.abs_()
+        if negative_scale:
+            model.bn1.weight[5] = -0.5
+    deployed = deploy(model)
+    assert deployed.pool_first is not negative_scale
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.maxpool(model.bn1(model.act1(model.conv1(x))))
+    assert torch.equal(deployed._stem(x), expected)

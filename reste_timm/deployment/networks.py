@@ -88,6 +88,10 @@ class _DeployedResNet(nn.Module):
         super().__init__()
         self.source = model  # the float stem, shortcuts and head are used from it as they are
         self.imagenet = isinstance(model, BinaryResNet)
+        # ImageNet stem, conv -> relu -> BatchNorm -> max-pool: relu and a BatchNorm whose every scale is
+        # positive are non-decreasing in their input, roundings included, so they commute with the max-pool
+        # exactly and can run on its output, a quarter of the values
+        self.pool_first = self.imagenet and bool((bn_affine(model.bn1)[0] > 0).all())
         self.stages = nn.ModuleList()
         for i in range(1, 5):
             stage = getattr(model, f"layer{i}", None)
@@ -106,7 +110,10 @@ class _DeployedResNet(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         m = self.source
-        x = m.bn1(m.act1(m.conv1(x.contiguous(memory_format=torch.channels_last))))
+        x = m.conv1(x.contiguous(memory_format=torch.channels_last))
+        if self.pool_first:
+            return m.bn1(m.act1(m.maxpool(x)))
+        x = m.bn1(m.act1(x))
         return m.maxpool(x) if self.imagenet else x
 
     def _run_block(self, fused: nn.Module, x: _Packed) -> _Packed:
