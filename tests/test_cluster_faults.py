@@ -349,6 +349,27 @@ def test_sigterm_to_accelerate_launch_is_passed_to_both_processes(tmp_path):
     assert found and found[1] == str(out / "checkpoints") and checkpoint_names(out) == [found[2]], err[-3000:]
 
 
+def test_each_ranks_error_line_is_one_write(monkeypatch):
+    """Every rank prints its error at once to the stderr they share: each line must reach it in one
+    write, or two ranks' lines interleave (print() writes the text and its newline apart; seen in a CI run
+    of the test below: rank 1's line ran on into rank 0's)."""
+    writes = []
+
+    class Stderr:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    class TwoRanks:
+        num_processes, process_index, is_main_process = 2, 1, False
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert reste_timm.train.run.fail(TwoRanks(), "disk full", 1, every_rank=True) == 1
+    assert writes == ["reste-timm train: error: [rank 1] disk full\n"]
+
+
 @pytest.mark.slow
 def test_full_disk_on_one_of_two_processes_ends_both_without_a_hang(tmp_path):
     out = tmp_path / "ddp-full"

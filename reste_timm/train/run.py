@@ -321,10 +321,17 @@ def fail(accelerator, message: str, code: int, every_rank: bool = False) -> int:
     be one process's alone (its shard of the data), so with ``every_rank`` each prints its own.
     """
     if every_rank and accelerator.num_processes > 1:
-        print(f"{PROG}: error: [rank {accelerator.process_index}] {message}", file=sys.stderr, flush=True)
+        _write_line(f"{PROG}: error: [rank {accelerator.process_index}] {message}")
     elif accelerator.is_main_process:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        _write_line(f"{PROG}: error: {message}")
     return code
+
+
+def _write_line(line: str) -> None:
+    """Writes ``line`` and its newline to stderr in one write: processes that share stderr (every rank's
+    error at once) then cannot interleave a line with another's (``print`` writes the two apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def setup(args, accelerator):
