@@ -383,8 +383,8 @@ def lock_output(accelerator, output_dir: Path, argv) -> tuple:
         except WriteError as e:
             lock, refused = None, (EXIT_FAILED, str(e))
         if lock is not None and lock.took_over:
-            print(f"{PROG}: {output_dir} was locked by {lock.took_over}, which has ended: lock taken over",
-                  file=sys.stderr, flush=True)
+            _write_line(f"{PROG}: {output_dir} was locked by {lock.took_over}, which has ended: "
+                        "lock taken over")
     if accelerator.num_processes > 1:
         refused = broadcast_object_list([refused])[0]  # no process starts a run the main one refused
     return lock, refused
@@ -412,7 +412,7 @@ def train(args, accelerator, watch: PreemptionWatch) -> int:
             if state.epoch >= args.epochs else EXIT_OK
     except Preempted as e:
         if accelerator.is_main_process:
-            print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+            _write_line(f"{PROG}: {e}")
         code = EXIT_PREEMPTED
     except NonFiniteLossError as e:
         code = fail(accelerator, f"{e}; {last_good(output_dir)}", EXIT_FAILED)
