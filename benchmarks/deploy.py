@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from timing import interleaved, stats
 
 import reste_timm
-from reste_timm.deployment.bitwise import BitwiseConv2d, bn_affine, kernel_path, pack_signs
-from reste_timm.nn.bitconv import amx_copy_bytes, kernel
+from reste_timm.deployment.bitwise import BitwiseConv2d, bn_affine, kernel, kernel_path, pack_signs
+from reste_timm.nn.bitconv import amx_copy_bytes
 
 RESNET18_LAYERS = [  # (input side, C_in, C_out, stride, how many in the network)
     (56, 64, 64, 1, 4), (56, 64, 128, 2, 1), (28, 128, 128, 1, 3), (28, 128, 256, 2, 1),

@@ -270,22 +270,27 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
     const int64_t npad = A.nblk * BC_OB;
     float *pb = padded_copy(bias, Cout, npad), *pa = padded_copy(alpha, Cout, npad),
           *pbe = padded_copy(beta, Cout, npad);
-    uint64_t *zero = (uint64_t *)calloc((size_t)(A.Cw > A.K ? A.Cw : A.K) + 8, sizeof(uint64_t));
-    int64_t *toff = (int64_t *)malloc((size_t)A.T * sizeof(int64_t));
-    if ((bias && !pb) || (alpha && !pa) || (beta && !pbe) || !zero || !toff) {
-        free(pb); free(pa); free(pbe); free(zero); free(toff);
+    if ((bias && !pb) || (alpha && !pa) || (beta && !pbe)) {
+        free(pb); free(pa); free(pbe);
         return -4;
     }
     A.bias = pb; A.alpha = pa; A.beta = pbe;
     nthreads = clamp_threads(nthreads);
 #if defined(BC_HAVE_AMX)
-    const int64_t amx_off = (int64_t)(wpacked[H_MODE] >> 32);
-    if (amx_off && A.mode == BC_MODE_TAPS && Cout % 64 == 0 && amx_usable() && amx_takes(&A)) {
+    const int64_t amx_off = (int64_t)(wpacked[H_MODE] >> 32); /* the weight's int8 copy, if it has one */
+    if (amx_off && amx_takes(&A)) {
         const int64_t z = amx_conv(&A, wpacked, amx_off, nthreads);
-        free(pb); free(pa); free(pbe); free(zero); free(toff);
+        free(pb); free(pa); free(pbe);
         return z;
     }
 #endif
+    /* the popcount path's zero words and tap offsets */
+    uint64_t *zero = (uint64_t *)calloc((size_t)(A.Cw > A.K ? A.Cw : A.K) + 8, sizeof(uint64_t));
+    int64_t *toff = (int64_t *)malloc((size_t)A.T * sizeof(int64_t));
+    if (!zero || !toff) {
+        free(pb); free(pa); free(pbe); free(zero); free(toff);
+        return -4;
+    }
     /* taps mode without a zero mask: the padded path where its tables and the padded copy fit in memory */
     void *cls_mem[2] = {NULL, NULL};
     uint64_t *padded = NULL;

@@ -94,9 +94,11 @@ static void amx_geometry(const bc_conv *restrict A, amx_geom *G) {
     G->pairs_img = (G->tiles_img + 1) / 2;
 }
 
-/* Whether the tiles fit conv A: at least 70% of their rows are output pixels (a stride-2 conv with a narrow
-   output, 7 of every 16 rows at 7x7, runs faster on the popcount path). */
+/* Whether the tiles take conv A (its weight carrying the int8 copy): taps mode, whole 64-channel output
+   words, the tiles usable here, and at least 70% of the tiles' rows output pixels (a stride-2 conv with a
+   narrow output, 7 of every 16 rows at 7x7, runs faster on the popcount path). */
 static int amx_takes(const bc_conv *restrict A) {
+    if (A->mode != BC_MODE_TAPS || A->Cout % 64 != 0 || !amx_usable()) return 0;
     amx_geom G;
     amx_geometry(A, &G);
     return 10 * A->OH * A->OW >= 7 * 16 * G.tiles_img;
