@@ -95,54 +95,87 @@ BC_INLINE __m256i avx2_popacc8(__m256i acc8, __m256i x, __m256i lut, __m256i m4)
     return _mm256_add_epi8(acc8, _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)));
 }
 
-/* Byte counters hold at most 8 per step: flushed to 64-bit lanes (vpsadbw) every 31 steps. */
+/* Adds the byte counters' sums (vpsadbw: one per 64-bit lane) to the 64-bit sums s64 and clears them. */
+BC_INLINE void avx2_flush(__m256i acc8[BC_P][4], __m256i *s64) {
+    const __m256i zero = _mm256_setzero_si256();
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) {
+            s64[p * 4 + v] = _mm256_add_epi64(s64[p * 4 + v], _mm256_sad_epu8(acc8[p][v], zero));
+            acc8[p][v] = zero;
+        }
+}
+
+/* One step: word k of the tile's pixels against the 16 lanes' words at wk. */
+BC_INLINE void avx2_step(const int MASK, const uint64_t *const *a, const uint64_t *const *m, int64_t k,
+                         const __m256i *wk, __m256i acc8[BC_P][4], __m256i lut, __m256i m4) {
+    __m256i av[BC_P], mv[BC_P];
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++) {
+        av[p] = _mm256_set1_epi64x((long long)a[p][k]);
+        if (MASK) mv[p] = _mm256_set1_epi64x((long long)m[p][k]);
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; v++) {
+        const __m256i wv = _mm256_loadu_si256(wk + v);
+#pragma GCC unroll 16
+        for (int p = 0; p < BC_P; p++) {
+            __m256i x = _mm256_xor_si256(av[p], wv);
+            if (MASK) x = _mm256_and_si256(x, mv[p]);
+            acc8[p][v] = avx2_popacc8(acc8[p][v], x, lut, m4);
+        }
+    }
+}
+
+/* The raw sums of the tile into s64 (acc[p][v]: lanes 4v .. 4v+3 of pixel p, one per 64-bit lane).  The byte
+   counters gain at most 8 per step and are flushed to s64 before they could pass 255: between taps where a
+   tap has at most 31 words (KK, a compile-time 1 for 64-channel layers, or K), else every 31 words.  Only
+   the byte counters live in registers in the inner loop. */
+BC_INLINE void avx2_sums(const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                         const uint64_t *const *wt, int64_t wshift, int nact, const int64_t KK, __m256i *s64) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i acc8[BC_P][4];
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) acc8[p][v] = s64[p * 4 + v] = _mm256_setzero_si256();
+    int64_t room = 31; /* steps before the byte counters must be flushed */
+    for (int i = 0; i < nact; i++) {
+        const __m256i *w = (const __m256i *)(wt[i] + wshift);
+        const uint64_t *a[BC_P], *m[BC_P];
+        tap_rows(MASK, ap, mp, i, a, m);
+        if (KK <= 31) {
+            if (room < KK) {
+                avx2_flush(acc8, s64);
+                room = 31;
+            }
+            for (int64_t k = 0; k < KK; k++) avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+            room -= KK;
+        } else {
+            for (int64_t k = 0; k < KK; k++) {
+                avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+                if (--room == 0) {
+                    avx2_flush(acc8, s64);
+                    room = 31;
+                }
+            }
+        }
+    }
+    avx2_flush(acc8, s64);
+}
+
 BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
                        const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
     (void)NB;
     (void)bstride;
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    const __m256i zero = _mm256_setzero_si256();
-    __m256i acc8[BC_P][4], acc64[BC_P][4];
-#pragma GCC unroll 16
-    for (int p = 0; p < BC_P; p++)
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; v++) acc8[p][v] = acc64[p][v] = zero;
-    int steps = 0;
-    for (int i = 0; i < nact; i++) {
-        const uint64_t *w = wt[i] + wshift;
-        const uint64_t *a[BC_P], *m[BC_P];
-        tap_rows(MASK, ap, mp, i, a, m);
-        for (int64_t k = 0; k < K; k++) {
-            __m256i av[BC_P], mv[BC_P];
-#pragma GCC unroll 16
-            for (int p = 0; p < BC_P; p++) {
-                av[p] = _mm256_set1_epi64x((long long)a[p][k]);
-                if (MASK) mv[p] = _mm256_set1_epi64x((long long)m[p][k]);
-            }
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; v++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k * BC_OB + 4 * v));
-#pragma GCC unroll 16
-                for (int p = 0; p < BC_P; p++) {
-                    __m256i x = _mm256_xor_si256(av[p], wv);
-                    if (MASK) x = _mm256_and_si256(x, mv[p]);
-                    acc8[p][v] = avx2_popacc8(acc8[p][v], x, lut, m4);
-                }
-            }
-            if (++steps == 31) {
-                steps = 0;
-#pragma GCC unroll 16
-                for (int p = 0; p < BC_P; p++)
-#pragma GCC unroll 4
-                    for (int v = 0; v < 4; v++) {
-                        acc64[p][v] = _mm256_add_epi64(acc64[p][v], _mm256_sad_epu8(acc8[p][v], zero));
-                        acc8[p][v] = zero;
-                    }
-            }
-        }
-    }
+    __m256i s64[BC_P * 4];
+    if (K == 1)
+        avx2_sums(MASK, ap, mp, wt, wshift, nact, 1, s64);
+    else
+        avx2_sums(MASK, ap, mp, wt, wshift, nact, K, s64);
     /* the 64-bit lanes hold counts < 2^31: keep their low 32-bit halves, two vectors per 32-byte store (so
        the epilogue's 32-byte loads are forwarded from single stores) */
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
@@ -150,9 +183,8 @@ BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, 
     for (int p = 0; p < BC_P; p++)
 #pragma GCC unroll 2
         for (int v = 0; v < 4; v += 2) {
-            __m256i s0 = _mm256_add_epi64(acc64[p][v], _mm256_sad_epu8(acc8[p][v], zero));
-            __m256i s1 = _mm256_add_epi64(acc64[p][v + 1], _mm256_sad_epu8(acc8[p][v + 1], zero));
-            __m256i lo0 = _mm256_permutevar8x32_epi32(s0, even), lo1 = _mm256_permutevar8x32_epi32(s1, even);
+            __m256i lo0 = _mm256_permutevar8x32_epi32(s64[p * 4 + v], even);
+            __m256i lo1 = _mm256_permutevar8x32_epi32(s64[p * 4 + v + 1], even);
             _mm256_storeu_si256((__m256i *)(pc + p * BC_OB + 4 * v), _mm256_permute2x128_si256(lo0, lo1, 0x20));
         }
 }
