@@ -156,6 +156,26 @@ def test_rectangular_stride_and_padding_few_pixels_many_channels(kern):
     assert torch.equal(_unpack(ob, 512, om), torch.sign(y))
 
 
+@pytest.mark.parametrize("c", [256, 2112], ids=["rounds-of-taps", "long-taps"])
+def test_popcounts_at_their_largest(kern, c):
+    """Every sign differs (x > 0, w < 0): each step adds the most a counter can take, so counters that
+    were flushed too late (the AVX2 path's byte counters: after at most 31 steps) would wrap.  256 channels:
+    4 words a tap, flushed between rounds of taps; 2112: 33 words a tap, flushed within a tap."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.rand(1, c, 4, 5, generator=g) + 0.1
+    w = -(torch.rand(32, c, 3, 3, generator=g) + 0.1)
+    for zeros in (False, True):
+        y = _conv(kern, x, w, (1, 1), (1, 1))[0] if not zeros else _conv_masked(kern, x, w)
+        assert torch.equal(y, _dot(x, w, 1, 1).float() * w.abs().mean())
+
+
+def _conv_masked(kern, x, w):
+    """The conv through the zero-mask path (the mask passed although the input has no exact zero)."""
+    bits, mask, _ = kern.pack_signs(x)
+    packed, _ = kern.pack_weights(w)
+    return kern.conv2d(bits, mask, packed, list(w.shape), [1, 1], [1, 1], float(w.abs().mean()))[0]
+
+
 def _bn(c: int, seed: int) -> torch.nn.BatchNorm2d:
     g = torch.Generator().manual_seed(seed)
     bn = torch.nn.BatchNorm2d(c).eval()

@@ -128,10 +128,10 @@ BC_INLINE void avx2_step(const int MASK, const uint64_t *const *a, const uint64_
     }
 }
 
-/* The raw sums of the tile into s64 (acc[p][v]: lanes 4v .. 4v+3 of pixel p, one per 64-bit lane).  The byte
-   counters gain at most 8 per step and are flushed to s64 before they could pass 255: between taps where a
-   tap has at most 31 words (KK, a compile-time 1 for 64-channel layers, or K), else every 31 words.  Only
-   the byte counters live in registers in the inner loop. */
+/* The raw sums of the tile into s64 (s64[4p + v]: lanes 4v .. 4v+3 of pixel p, one per 64-bit lane).  The byte
+   counters gain at most 8 per step, so they are flushed to s64 after at most 31 steps: after each round of
+   31 / KK taps where a tap has at most 31 words (KK: a compile-time 1 for 64-channel layers, or K), else
+   every 31 words.  The rounds keep the flush out of the inner loops, where only the byte counters are live. */
 BC_INLINE void avx2_sums(const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
                          const uint64_t *const *wt, int64_t wshift, int nact, const int64_t KK, __m256i *s64) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -142,29 +142,30 @@ BC_INLINE void avx2_sums(const int MASK, const uint64_t *const *ap, const uint64
     for (int p = 0; p < BC_P; p++)
 #pragma GCC unroll 4
         for (int v = 0; v < 4; v++) acc8[p][v] = s64[p * 4 + v] = _mm256_setzero_si256();
-    int64_t room = 31; /* steps before the byte counters must be flushed */
+    if (KK <= 31) {
+        const int per_round = (int)(31 / KK);
+        for (int i0 = 0; i0 < nact; i0 += per_round) {
+            const int i1 = nact - i0 < per_round ? nact : i0 + per_round;
+            for (int i = i0; i < i1; i++) {
+                const __m256i *w = (const __m256i *)(wt[i] + wshift);
+                const uint64_t *a[BC_P], *m[BC_P];
+                tap_rows(MASK, ap, mp, i, a, m);
+                for (int64_t k = 0; k < KK; k++) avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+            }
+            avx2_flush(acc8, s64);
+        }
+        return;
+    }
     for (int i = 0; i < nact; i++) {
         const __m256i *w = (const __m256i *)(wt[i] + wshift);
         const uint64_t *a[BC_P], *m[BC_P];
         tap_rows(MASK, ap, mp, i, a, m);
-        if (KK <= 31) {
-            if (room < KK) {
-                avx2_flush(acc8, s64);
-                room = 31;
-            }
-            for (int64_t k = 0; k < KK; k++) avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
-            room -= KK;
-        } else {
-            for (int64_t k = 0; k < KK; k++) {
-                avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
-                if (--room == 0) {
-                    avx2_flush(acc8, s64);
-                    room = 31;
-                }
-            }
+        for (int64_t k0 = 0; k0 < KK; k0 += 31) {
+            const int64_t k1 = KK - k0 < 31 ? KK : k0 + 31;
+            for (int64_t k = k0; k < k1; k++) avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+            avx2_flush(acc8, s64);
         }
     }
-    avx2_flush(acc8, s64);
 }
 
 BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
