@@ -24,7 +24,7 @@ from timing import interleaved, stats
 
 import reste_timm
 from reste_timm.deployment.bitwise import BitwiseConv2d, bn_affine, kernel, kernel_path, pack_signs
-from reste_timm.nn.bitconv import amx_copy_bytes
+from reste_timm.nn.bitconv import copy_bytes
 
 RESNET18_LAYERS = [  # (input side, C_in, C_out, stride, how many in the network)
     (56, 64, 64, 1, 4), (56, 64, 128, 2, 1), (28, 128, 128, 1, 3), (28, 128, 256, 2, 1),
@@ -119,10 +119,10 @@ def weight_memory() -> dict:
     deployed = reste_timm.deploy(model)
     float_bytes = sum(m.weight.numel() * 4 for m in reste_timm.binary_layers(model))
     layers = [m.weight_bits for m in deployed.modules() if isinstance(m, BitwiseConv2d)]
-    amx = sum(amx_copy_bytes(w) for w in layers)
-    packed = sum(w.numel() * 8 for w in layers) - amx
+    copies = sum(copy_bytes(w) for w in layers)
+    packed = sum(w.numel() * 8 for w in layers) - copies
     return {"model": "resnet18_1w1a_reste", "binary_float32_bytes": float_bytes, "packed_bytes": packed,
-            "ratio": float_bytes / packed, "amx_int8_bytes": amx}
+            "ratio": float_bytes / packed, "path_copy_bytes": copies}
 
 
 def bench_deploy(quick: bool, threads: int) -> dict:
@@ -154,5 +154,5 @@ def print_deploy(res: dict) -> None:
     m = res["memory"]
     print(f"Weight memory of the binary convs, {m['model']}: {m['binary_float32_bytes'] / 1e6:.2f} MB "
           f"float32 -> {m['packed_bytes'] / 1e6:.2f} MB packed ({m['ratio']:.1f}x less)"
-          + (f", plus {m['amx_int8_bytes'] / 1e6:.2f} MB of int8 copies for the AMX path on this CPU"
-             if m.get("amx_int8_bytes") else ""))
+          + (f", plus {m['path_copy_bytes'] / 1e6:.2f} MB of copies for the {res['kernel_path']} path "
+             "on this CPU" if m.get("path_copy_bytes") else ""))

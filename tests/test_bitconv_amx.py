@@ -15,7 +15,7 @@ import reste_timm
 from reste_timm.deployment import bitwise
 from reste_timm.deployment.bitwise import BitwiseConv2d
 from reste_timm.nn import bitconv
-from reste_timm.nn.bitconv import amx_copy_bytes
+from reste_timm.nn.bitconv import copy_bytes
 
 pytestmark = pytest.mark.skipif(not bitwise.bitwise_available(), reason="no C compiler")
 AMX = bitwise.bitwise_available() and bitconv.kernel().amx
@@ -48,10 +48,10 @@ def test_the_copy_is_appended_only_where_the_path_takes_the_layer():
     for (co, ci, k), expected in [((64, 64, 3), 64 * 64 * 9), ((128, 200, 3), 128 * 256 * 9),
                                   ((256, 256, 3), 256 * 256 * 9), ((64, 16, 1), 64 * 64),
                                   ((70, 64, 3), 0), ((512, 512, 3), 0), ((64, 64, 7), 0)]:
-        with_copy, _ = kern.pack_weights(_weight(co, ci, k, 0), amx=True)
+        with_copy, _ = kern.pack_weights(_weight(co, ci, k, 0), fast_copy=True)
         plain, _ = kern.pack_weights(_weight(co, ci, k, 0))
-        assert amx_copy_bytes(with_copy) == expected, (co, ci, k)
-        assert amx_copy_bytes(plain) == 0
+        assert copy_bytes(with_copy) == expected, (co, ci, k)
+        assert copy_bytes(plain) == 0
         assert with_copy.numel() * 8 == plain.numel() * 8 + expected
         assert torch.equal(with_copy[5:plain.numel()], plain[5:])  # the bits and tables are unchanged
 
@@ -70,8 +70,8 @@ def test_amx_equals_the_exact_dot_and_the_popcount_path(n, c, h, w, co, k, strid
     kern = bitconv.kernel()
     x = _rand((n, c, h, w), zeros, seed=c + h + co).contiguous(memory_format=torch.channels_last)
     weight = _weight(co, c, k, seed=c + co)
-    with_copy, plain = kern.pack_weights(weight, amx=True)[0], kern.pack_weights(weight)[0]
-    assert amx_copy_bytes(with_copy) > 0
+    with_copy, plain = kern.pack_weights(weight, fast_copy=True)[0], kern.pack_weights(weight)[0]
+    assert copy_bytes(with_copy) > 0
     exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, stride, padding)
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -93,7 +93,7 @@ def test_amx_epilogues_equal_the_popcount_paths(bias, relu, bn, res, out_float):
              "alpha": torch.rand(128, generator=g) + 0.5 if bn else None,
              "beta": torch.randn(128, generator=g) if bn else None,
              "residual": residual if res else None, "out_float": out_float, "out_bits": True}
-    outs = [_run(kern, x, kern.pack_weights(weight, amx=amx)[0], weight.shape, 1, 1, **extra)
+    outs = [_run(kern, x, kern.pack_weights(weight, fast_copy=amx)[0], weight.shape, 1, 1, **extra)
             for amx in (True, False)]
     (y0, b0, m0, z0), (y1, b1, m1, z1) = outs
     assert torch.equal(y0, y1) and torch.equal(b0, b1) and z0 == z1
@@ -101,11 +101,11 @@ def test_amx_epilogues_equal_the_popcount_paths(bias, relu, bn, res, out_float):
 
 
 def test_builds_without_the_path_ignore_the_copy():
-    """A weight packed with the int8 copy (where this CPU has AMX) runs unchanged on the popcount path of
-    a build without AMX, and on the portable one."""
+    """A weight packed with the default build's path copy (the int8 copy where this CPU has AMX, the nibble
+    copy on an AVX2 CPU) runs unchanged on a build without AMX and on the portable one."""
     x = _rand((1, 64, 10, 10), True, seed=1)
     weight = _weight(64, 64, 3, seed=2)
-    packed = bitconv.kernel().pack_weights(weight, amx=True)[0]
+    packed = bitconv.kernel().pack_weights(weight, fast_copy=True)[0]
     exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, 1, 1).float() * 0.37
     for flags in (("-DBITCONV_NO_AMX",), ("-DBITCONV_PORTABLE",)):
         kern = bitwise.kernel(flags)
@@ -118,7 +118,7 @@ def test_deployed_layers_carry_the_copy_and_predict_as_the_source():
     torch.manual_seed(0)
     model = reste_timm.BinaryConv2d(64, 64, 3, padding=1, bias=False).eval()
     layer = BitwiseConv2d(model)
-    assert amx_copy_bytes(layer.weight_bits) == 64 * 64 * 9
+    assert copy_bytes(layer.weight_bits) == 64 * 64 * 9
     x = torch.randn(2, 64, 12, 12)
     with torch.no_grad():
         assert torch.allclose(layer(x), model(x), atol=1e-5)

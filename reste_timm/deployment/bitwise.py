@@ -53,7 +53,7 @@ class BitwiseConv2d(nn.Module):
                 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError("bitwise convs take 1W/1A layers with zero padding, no dilation and no groups")
         cout, cin, kh, kw = w.shape
-        packed, zeros = kernel().pack_weights(w, amx=True)
+        packed, zeros = kernel().pack_weights(w, fast_copy=True)
         if zeros * 1000 > w.numel():
             raise ValueError(f"{zeros} weights are exactly 0: too many to correct for")
         self.register_buffer("weight_bits", packed)

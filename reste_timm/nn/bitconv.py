@@ -8,9 +8,11 @@ the reference; exact zeros of ``sign`` (an activation that is exactly 0) travel 
 only where they occur. An epilogue fuses what follows a binary conv in the paper's networks: bias,
 relu, the eval BatchNorm (``fmaf(y, alpha, beta)``), a residual, and the sign-and-pack of the result
 for the next binary conv. Float outputs are NHWC, i.e. channels_last tensors in torch's NCHW shape.
-Where the CPU has Intel AMX and a packed weight carries its int8 copy (:meth:`Kernel.pack_weights` with
-``amx=True``, as the deployed layers pack), the same integer sums come from the AMX tiles on signs
-unpacked to ±1 bytes (``csrc/bitconv_amx.h``); the outputs are identical.
+A packed weight may carry a copy for the build's inference path (:meth:`Kernel.pack_weights` with
+``fast_copy=True``, as the deployed layers pack; other builds ignore it): where the CPU has Intel AMX, an
+int8 copy, and the same integer sums come from the AMX tiles on signs unpacked to ±1 bytes
+(``csrc/bitconv_amx.h``); on the AVX2 path, the weight words' low and high nibbles apart, which saves the
+inner loop two operations per 256 bits. The outputs are identical either way.
 
 Users: the forward of :func:`reste_timm.nn.binary_conv.binary_conv2d` on CPU (training and plain
 inference), and the deployed networks of :mod:`reste_timm.deployment`, which chain the fused epilogues.
@@ -27,7 +29,7 @@ import torch
 
 from .native import load_library, load_op_library
 
-__all__ = ["Kernel", "amx_copy_bytes", "bitwise_available", "bitwise_conv2d", "conv_list", "kernel",
+__all__ = ["Kernel", "copy_bytes", "bitwise_available", "bitwise_conv2d", "conv_list", "kernel",
            "kernel_path", "native_ops", "pack_signs"]
 
 _SOURCE = "bitconv.c"
@@ -44,12 +46,13 @@ _SIGNATURES = {
 }
 
 
-_WITH_AMX = 16  # bitconv_paths.h: BC_WITH_AMX
-_H_MODE = 4  # header word: the mode, and the int8 copy's word offset in its high 32 bits
+_WITH_COPY = 16  # bitconv_paths.h: BC_WITH_COPY
+_H_MODE = 4  # header word: the mode, the path copy's kind (bits 8-15) and word offset (bits 32-63)
 
 
-def amx_copy_bytes(packed: torch.Tensor) -> int:
-    """Bytes of the AMX path's int8 weight copy inside a packed weight buffer (0 where it has none)."""
+def copy_bytes(packed: torch.Tensor) -> int:
+    """Bytes of the path copy inside a packed weight buffer (AMX int8 or AVX2 nibbles; 0 where it has
+    none): it sits at the end of the buffer."""
     offset = int(packed[_H_MODE]) >> 32
     return 0 if offset == 0 else (packed.numel() - offset) * 8
 
@@ -77,13 +80,14 @@ class Kernel:
         self.path = lib.bitconv_path().decode()
         self.amx = bool(lib.bitconv_amx())  # the AMX int8 path can run here (csrc/bitconv_amx.h)
 
-    def pack_weights(self, w: torch.Tensor, amx: bool = False) -> Tuple[torch.Tensor, int]:
+    def pack_weights(self, w: torch.Tensor, fast_copy: bool = False) -> Tuple[torch.Tensor, int]:
         """``(packed int64 words, exact zeros)`` of a float ``[Cout, Cin, KH, KW]`` weight's signs
-        (a zero is packed as +1: the caller corrects for it or keeps the layer in float). ``amx``: append
-        the AMX path's int8 copy where that path takes the layer here (see :func:`amx_copy_bytes`)."""
+        (a zero is packed as +1: the caller corrects for it or keeps the layer in float). ``fast_copy``:
+        append this build's copy for its inference path where it has one and the path takes the layer
+        (AMX int8, AVX2 nibbles; see :func:`copy_bytes`): for weights packed once and used many times."""
         w = w.detach().float().cpu().contiguous()
         cout, cin, kh, kw = w.shape
-        mode = _WITH_AMX if amx else 0
+        mode = _WITH_COPY if fast_copy else 0
         packed = torch.empty(self.lib.bitconv_weight_words(cout, cin, kh, kw, mode), dtype=torch.int64)
         zeros = self.lib.bitconv_pack_weights(w.data_ptr(), cout, cin, kh, kw, mode, packed.data_ptr(),
                                               torch.get_num_threads())

@@ -54,7 +54,8 @@
  * aarch64 NEON (vcntq_u8 + pairwise widening adds), portable C (__builtin_popcountll).  -DBITCONV_PORTABLE
  * forces the portable path, -DBITCONV_NO_AVX512 skips the AVX-512 path.  bitconv_path() names the path.
  * On the AVX-512 path, where the CPU has Intel AMX (and Linux grants its tiles), a weight packed with its int8
- * copy (BC_WITH_AMX) runs on the tiles instead: bitconv_amx.h; -DBITCONV_NO_AMX leaves that out.
+ * copy (BC_WITH_COPY) runs on the tiles instead: bitconv_amx.h; -DBITCONV_NO_AMX leaves that out.  On the
+ * AVX2 path a weight packed with its nibble copy (BC_WITH_COPY) reads that copy where the input has no zero mask.
  *
  * Threads: OpenMP over (pixel tile, output-channel chunk) work items, thread count passed per call.  All
  * functions are reentrant; per-call scratch is malloc'd.  The one global is the AMX path's cached answer to
@@ -186,6 +187,12 @@ BC_INLINE int64_t run_direct_nb(const int F, const bc_conv *restrict A, bc_scrat
 static int64_t run_blocks(const bc_conv *restrict A, bc_scratch *restrict S, int64_t pix0, int np, int64_t b0, int nb) {
     const int masked = A->mask != NULL;
     const int64_t wshift = b0 * A->bstride;
+#if defined(BC_PATH_AVX2)
+    if (A->wk != BC_OB) { /* the nibble copy (no zero mask) */
+        mk_nibbles(S->ap, S->wtp, wshift, S->nact, A->K, S->pc);
+        BC_BY_OPTIONS(epi_blocks, A, S, pix0, np, b0, nb)
+    }
+#endif
 #if defined(BC_PATH_AVX512)
     if (!masked && (b0 + nb) * BC_OB <= A->Cout) { /* whole blocks, no zero mask: sums straight from registers */
         BC_BY_OPTIONS(run_direct_nb, A, S, pix0, np, b0, nb)
@@ -254,8 +261,8 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
     A.K = (int64_t)wpacked[H_KW_WORDS];
     A.nblk = (int64_t)wpacked[H_NBLK];
     A.T = (int64_t)KH * KW;
-    A.bstride = (A.mode == BC_MODE_PATCH ? 1 : A.T) * A.K * BC_OB;
     A.wdata = wpacked + BC_HDR;
+    A.wk = BC_OB;
     A.wpop = (const int32_t *)(wpacked + wpacked[H_POP_OFF]);
     A.Cout = Cout; A.KH = KH; A.KW = KW; A.sh = sh; A.sw = sw; A.ph = ph; A.pw = pw;
     A.OH = OH; A.OW = OW; A.Cwo = (Cout + 63) / 64;
@@ -276,14 +283,24 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
     }
     A.bias = pb; A.alpha = pa; A.beta = pbe;
     nthreads = clamp_threads(nthreads);
+    /* the weight's path copy (bitconv_paths.h), if it has one of this build's kind */
+    const int64_t copy_off = (int64_t)(wpacked[H_MODE] >> 32);
+    const int copy_kind = (int)((wpacked[H_MODE] >> 8) & 0xff);
 #if defined(BC_HAVE_AMX)
-    const int64_t amx_off = (int64_t)(wpacked[H_MODE] >> 32); /* the weight's int8 copy, if it has one */
-    if (amx_off && amx_takes(&A)) {
-        const int64_t z = amx_conv(&A, wpacked, amx_off, nthreads);
+    if (copy_off && copy_kind == BC_COPY_AMX && amx_takes(&A)) {
+        const int64_t z = amx_conv(&A, wpacked, copy_off, nthreads);
         free(pb); free(pa); free(pbe);
         return z;
     }
+#elif defined(BC_PATH_AVX2)
+    if (copy_off && copy_kind == BC_COPY_NIBBLES && A.mode == BC_MODE_TAPS && !mask) {
+        A.wdata = wpacked + copy_off;
+        A.wk = 2 * BC_OB;
+    }
 #endif
+    (void)copy_off;
+    (void)copy_kind;
+    A.bstride = (A.mode == BC_MODE_PATCH ? 1 : A.T) * A.K * A.wk;
     /* the popcount path's zero words and tap offsets */
     uint64_t *zero = (uint64_t *)calloc((size_t)(A.Cw > A.K ? A.Cw : A.K) + 8, sizeof(uint64_t));
     int64_t *toff = (int64_t *)malloc((size_t)A.T * sizeof(int64_t));
@@ -345,7 +362,7 @@ BC_API int64_t bitconv_conv2d(const uint64_t *bits, const uint64_t *mask, int64_
             S.mp = (const uint64_t **)q; q += T * BC_P * sizeof(void *);
             S.wt = (const uint64_t **)q; q += T * sizeof(void *);
             S.wt_all = (const uint64_t **)q; q += T * sizeof(void *);
-            for (size_t t = 0; t < T; t++) S.wt_all[t] = A.wdata + (int64_t)t * A.K * BC_OB;
+            for (size_t t = 0; t < T; t++) S.wt_all[t] = A.wdata + (int64_t)t * A.K * A.wk;
             S.oob = (int *)q;
             S.zero = zero;
             int64_t cur_tile = -1;

@@ -10,7 +10,7 @@
  * epilogue (shared with the other paths) applies (float)dot * s and what follows.
  *
  * Weights: an int8 copy in tdpbssd's layout, appended to the packed buffer by bitconv_pack_weights when
- * asked (BC_WITH_AMX): per block of 16 output channels, tap t and 64-channel chunk q, 16 rows of 64 bytes,
+ * asked (BC_WITH_COPY; kind BC_COPY_AMX): per block of 16 output channels, tap t and 64-channel chunk q, 16 rows of 64 bytes,
  * row r holding input channels 64q + 4r .. 64q + 4r + 3 of the 16 outputs (byte 4j + i: output j, channel
  * 64q + 4r + i); channels >= C are 0, so the +1 bytes of the activations' padding channels add nothing.
  *

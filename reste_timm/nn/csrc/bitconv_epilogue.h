@@ -14,6 +14,7 @@ typedef struct {
     const uint64_t *wdata;
     const int32_t *wpop;
     int64_t Cout, nblk, T, K, bstride;
+    int64_t wk; /* words per step k of a block's weights: BC_OB, or 2 * BC_OB in the AVX2 nibble copy */
     int KH, KW, sh, sw, ph, pw, mode;
     const int64_t *toff; /* [T] word offset of tap t relative to the top-left tap: (kh * W + kw) * Cw */
     /* output */

@@ -128,11 +128,43 @@ BC_INLINE void avx2_step(const int MASK, const uint64_t *const *a, const uint64_
     }
 }
 
+/* The same step on the nibble copy (bitconv_pack.h: nibble_pack): wk[0..3] the low nibbles of the 16 lanes'
+   words, wk[4..7] their high nibbles; the activation word is split once for the four vectors.  No zero mask. */
+BC_INLINE void avx2_step_nibbles(const uint64_t *const *a, int64_t k, const __m256i *wk, __m256i acc8[BC_P][4],
+                                 __m256i lut, __m256i m4) {
+    __m256i lo[BC_P], hi[BC_P];
+#pragma GCC unroll 16
+    for (int p = 0; p < BC_P; p++) {
+        const __m256i av = _mm256_set1_epi64x((long long)a[p][k]);
+        lo[p] = _mm256_and_si256(av, m4);
+        hi[p] = _mm256_and_si256(_mm256_srli_epi16(av, 4), m4);
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; v++) {
+        const __m256i wl = _mm256_loadu_si256(wk + v), wh = _mm256_loadu_si256(wk + 4 + v);
+#pragma GCC unroll 16
+        for (int p = 0; p < BC_P; p++) {
+            const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_xor_si256(lo[p], wl)),
+                                              _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi[p], wh)));
+            acc8[p][v] = _mm256_add_epi8(acc8[p][v], c);
+        }
+    }
+}
+
+/* Step k of tap i's words at w: from the packed bits (NIB 0, 4 vectors per step) or the nibble copy (NIB 1, 8). */
+BC_INLINE void avx2_any_step(const int NIB, const int MASK, const uint64_t *const *a, const uint64_t *const *m,
+                             int64_t k, const __m256i *w, __m256i acc8[BC_P][4], __m256i lut, __m256i m4) {
+    if (NIB)
+        avx2_step_nibbles(a, k, w + 8 * k, acc8, lut, m4);
+    else
+        avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+}
+
 /* The raw sums of the tile into s64 (s64[4p + v]: lanes 4v .. 4v+3 of pixel p, one per 64-bit lane).  The byte
    counters gain at most 8 per step, so they are flushed to s64 after at most 31 steps: after each round of
    31 / KK taps where a tap has at most 31 words (KK: a compile-time 1 for 64-channel layers, or K), else
    every 31 words.  The rounds keep the flush out of the inner loops, where only the byte counters are live. */
-BC_INLINE void avx2_sums(const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+BC_INLINE void avx2_sums(const int NIB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
                          const uint64_t *const *wt, int64_t wshift, int nact, const int64_t KK, __m256i *s64) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
@@ -150,7 +182,7 @@ BC_INLINE void avx2_sums(const int MASK, const uint64_t *const *ap, const uint64
                 const __m256i *w = (const __m256i *)(wt[i] + wshift);
                 const uint64_t *a[BC_P], *m[BC_P];
                 tap_rows(MASK, ap, mp, i, a, m);
-                for (int64_t k = 0; k < KK; k++) avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+                for (int64_t k = 0; k < KK; k++) avx2_any_step(NIB, MASK, a, m, k, w, acc8, lut, m4);
             }
             avx2_flush(acc8, s64);
         }
@@ -162,23 +194,16 @@ BC_INLINE void avx2_sums(const int MASK, const uint64_t *const *ap, const uint64
         tap_rows(MASK, ap, mp, i, a, m);
         for (int64_t k0 = 0; k0 < KK; k0 += 31) {
             const int64_t k1 = KK - k0 < 31 ? KK : k0 + 31;
-            for (int64_t k = k0; k < k1; k++) avx2_step(MASK, a, m, k, w + 4 * k, acc8, lut, m4);
+            for (int64_t k = k0; k < k1; k++) avx2_any_step(NIB, MASK, a, m, k, w, acc8, lut, m4);
             avx2_flush(acc8, s64);
         }
     }
 }
 
-BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
-                       const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
-    (void)NB;
-    (void)bstride;
-    __m256i s64[BC_P * 4];
-    if (K == 1)
-        avx2_sums(MASK, ap, mp, wt, wshift, nact, 1, s64);
-    else
-        avx2_sums(MASK, ap, mp, wt, wshift, nact, K, s64);
-    /* the 64-bit lanes hold counts < 2^31: keep their low 32-bit halves, two vectors per 32-byte store (so
-       the epilogue's 32-byte loads are forwarded from single stores) */
+/* The 16 int32 sums of each pixel from its four vectors of 64-bit sums: their low halves (the counts are
+   below 2^31), two vectors per 32-byte store (so the epilogue's 32-byte loads are forwarded from single
+   stores). */
+BC_INLINE void avx2_store_sums(const __m256i *s64, int32_t *pc) {
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
 #pragma GCC unroll 16
     for (int p = 0; p < BC_P; p++)
@@ -188,6 +213,29 @@ BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, 
             __m256i lo1 = _mm256_permutevar8x32_epi32(s64[p * 4 + v + 1], even);
             _mm256_storeu_si256((__m256i *)(pc + p * BC_OB + 4 * v), _mm256_permute2x128_si256(lo0, lo1, 0x20));
         }
+}
+
+BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                       const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
+    (void)NB;
+    (void)bstride;
+    __m256i s64[BC_P * 4];
+    if (K == 1)
+        avx2_sums(0, MASK, ap, mp, wt, wshift, nact, 1, s64);
+    else
+        avx2_sums(0, MASK, ap, mp, wt, wshift, nact, K, s64);
+    avx2_store_sums(s64, pc);
+}
+
+/* The tile's sums from the nibble copy (no zero mask): wt[i] + wshift, tap i's 2 x 16 words per step. */
+static void mk_nibbles(const uint64_t *const *ap, const uint64_t *const *wt, int64_t wshift, int nact, int64_t K,
+                       int32_t *pc) {
+    __m256i s64[BC_P * 4];
+    if (K == 1)
+        avx2_sums(1, 0, ap, NULL, wt, wshift, nact, 1, s64);
+    else
+        avx2_sums(1, 0, ap, NULL, wt, wshift, nact, K, s64);
+    avx2_store_sums(s64, pc);
 }
 
 #define BC_DEF_MK(NB, MASK) \

@@ -13,11 +13,42 @@ static int64_t kwords(int64_t Cin, int64_t T, int mode) {
     return mode == BC_MODE_PATCH ? (T * Cin + 63) / 64 : (Cin + 63) / 64;
 }
 
+/* The AVX2 path's copy (BC_COPY_NIBBLES): each word of the taps layout data[blk][t][k][lane] as two, its low
+   nibbles (w & 0x0f..) in copy[blk][t][k][0][lane] and its high nibbles ((w >> 4) & 0x0f..) in
+   copy[blk][t][k][1][lane]: the kernel XORs them with the activation's nibbles, split once per step, and
+   looks the popcounts up directly (two operations fewer per 256 bits than splitting each XOR). */
+#if defined(BC_PATH_AVX2)
+#define BC_COPY_KIND BC_COPY_NIBBLES
+static void nibble_pack(const uint64_t *data, int64_t rows, uint64_t *copy) {
+    const uint64_t lo = 0x0f0f0f0f0f0f0f0fULL;
+    for (int64_t r = 0; r < rows; r++)
+        for (int lane = 0; lane < BC_OB; lane++) {
+            const uint64_t w = data[r * BC_OB + lane];
+            copy[r * 2 * BC_OB + lane] = w & lo;
+            copy[r * 2 * BC_OB + BC_OB + lane] = (w >> 4) & lo;
+        }
+}
+#elif defined(BC_HAVE_AMX)
+#define BC_COPY_KIND BC_COPY_AMX
+#endif
+
+/* Words of this build's path copy for the shape (bitconv_paths.h: BC_WITH_COPY), 0 where it makes none. */
+static int64_t copy_words(int64_t Cout, int64_t Cin, int64_t T, int mode) {
+#if defined(BC_HAVE_AMX)
+    return amx_weight_words(Cout, Cin, T, mode);
+#elif defined(BC_PATH_AVX2)
+    return mode == BC_MODE_TAPS ? (Cout + BC_OB - 1) / BC_OB * T * kwords(Cin, T, mode) * 2 * BC_OB : 0;
+#else
+    (void)Cout; (void)Cin; (void)T; (void)mode;
+    return 0;
+#endif
+}
+
 /* Size in uint64 words of the packed weight buffer for the given shape and mode (0 = taps, 1 = patch;
    patch mode requires Cin < 64).  Returns -1 for an invalid request. */
 BC_API int64_t bitconv_weight_words(int64_t Cout, int64_t Cin, int KH, int KW, int mode) {
-    const int amx = mode & BC_WITH_AMX;
-    mode &= ~BC_WITH_AMX;
+    const int with_copy = mode & BC_WITH_COPY;
+    mode &= ~BC_WITH_COPY;
     if (Cout <= 0 || Cin <= 0 || KH <= 0 || KW <= 0) return -1;
     if (mode != BC_MODE_TAPS && mode != BC_MODE_PATCH) return -1;
     if (mode == BC_MODE_PATCH && Cin >= 64) return -1;
@@ -25,11 +56,7 @@ BC_API int64_t bitconv_weight_words(int64_t Cout, int64_t Cin, int KH, int KW, i
     int64_t ntap_rows = mode == BC_MODE_PATCH ? 1 : T;
     int64_t data = nblk * ntap_rows * kwords(Cin, T, mode) * BC_OB;
     int64_t pop = (nblk * T * BC_OB + 1) / 2; /* int32 table, two per word */
-#if defined(BC_HAVE_AMX)
-    if (amx) pop += amx_weight_words(Cout, Cin, T, mode);
-#else
-    (void)amx;
-#endif
+    if (with_copy) pop += copy_words(Cout, Cin, T, mode);
     return BC_HDR + data + pop;
 }
 
@@ -54,8 +81,8 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
                                     uint64_t *out, int nthreads) {
     int64_t total = bitconv_weight_words(Cout, Cin, KH, KW, mode);
     if (total < 0 || !w || !out) return -1;
-    const int amx = mode & BC_WITH_AMX;
-    mode &= ~BC_WITH_AMX;
+    const int with_copy = mode & BC_WITH_COPY;
+    mode &= ~BC_WITH_COPY;
     int64_t T = (int64_t)KH * KW, nblk = (Cout + BC_OB - 1) / BC_OB;
     int64_t K = kwords(Cin, T, mode);
     int64_t rows = mode == BC_MODE_PATCH ? 1 : T;
@@ -69,9 +96,13 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
     out[H_KW_WORDS] = (uint64_t)K;
     out[H_NBLK] = (uint64_t)nblk;
     out[H_POP_OFF] = (uint64_t)(BC_HDR + data_words);
-    const int64_t amx_off = BC_HDR + data_words + (nblk * T * BC_OB + 1) / 2;
-    const int with_amx = amx && total > amx_off;
-    if (with_amx) out[H_MODE] |= (uint64_t)amx_off << 32;
+    const int64_t copy_off = BC_HDR + data_words + (nblk * T * BC_OB + 1) / 2;
+    (void)copy_off;
+#if defined(BC_COPY_KIND)
+    if (with_copy && total > copy_off) out[H_MODE] |= (uint64_t)copy_off << 32 | (uint64_t)BC_COPY_KIND << 8;
+#else
+    (void)with_copy;
+#endif
     uint64_t *data = out + BC_HDR;
     int32_t *pop = (int32_t *)(out + BC_HDR + data_words);
     int64_t zeros = 0;
@@ -100,11 +131,13 @@ BC_API int64_t bitconv_pack_weights(const float *w, int64_t Cout, int64_t Cin, i
                 }
             }
         }
+        if (out[H_MODE] >> 32) {
 #if defined(BC_HAVE_AMX)
-        if (with_amx) amx_pack_weights(data, nblk, T, K, Cin, (int8_t *)(out + amx_off), nthreads);
-#else
-        (void)with_amx;
+            amx_pack_weights(data, nblk, T, K, Cin, (int8_t *)(out + copy_off), nthreads);
+#elif defined(BC_PATH_AVX2)
+            nibble_pack(data, nblk * T * K, out + copy_off);
 #endif
+        }
         return zeros;
     }
     for (int64_t oc = 0; oc < Cout; oc++) { /* patch mode (Cin < 64): bits run across taps */

@@ -56,13 +56,17 @@
 /* Packed weight header (8 words = 64 bytes, so the data stays 64-byte aligned if the buffer is). */
 #define BC_MAGIC 0x3157434255ULL /* "UBCW1" */
 enum { BC_MODE_TAPS = 0, BC_MODE_PATCH = 1 };
-/* H_MODE: the mode in the low byte; the word offset of the int8 copy for the AMX path (bitconv_amx.h) in the
-   high 32 bits, 0 where there is none. */
+/* H_MODE: the mode in bits 0-7; the kind of the buffer's path copy (BC_COPY_*) in bits 8-15 and its word
+   offset in bits 32-63, 0 where there is none.  A build uses a copy of its own kind and ignores any other, so
+   a packed weight runs on every build. */
 enum { H_MAGIC, H_COUT, H_CIN, H_KHKW, H_MODE, H_KW_WORDS, H_NBLK, H_POP_OFF };
 #define BC_HDR 8
-/* bitconv_weight_words / bitconv_pack_weights: mode | BC_WITH_AMX appends the AMX path's int8 copy where the
-   path takes the layer (taps mode, Cout a multiple of 64) and this CPU and OS allow it. */
-#define BC_WITH_AMX 16
+/* bitconv_weight_words / bitconv_pack_weights: mode | BC_WITH_COPY appends this build's copy of the weights
+   for its inference path, where it has one and the path takes the layer: the AMX path's int8 tiles
+   (bitconv_amx.h: taps mode, Cout a multiple of 64, this CPU and OS allow it) or the AVX2 path's nibble
+   planes (taps mode: bitconv_microkernels.h).  Deployed layers pack with it, the training forward without. */
+#define BC_WITH_COPY 16
+enum { BC_COPY_AMX = 0, BC_COPY_NIBBLES = 1 };
 
 /* The AMX path (bitconv_amx.h): x86-64 Linux, the AVX-512 path, a compiler that knows the tile intrinsics. */
 #if defined(BC_PATH_AVX512) && defined(__x86_64__) && defined(__linux__) && !defined(BITCONV_NO_AMX) && \

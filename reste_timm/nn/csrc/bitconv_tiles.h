@@ -97,7 +97,7 @@ static void setup_tile(const bc_conv *restrict A, bc_scratch *restrict S, int64_
                     any |= valid[p];
                 }
                 if (!any) continue;
-                S->wt[nact] = A->wdata + (int64_t)t * A->K * BC_OB;
+                S->wt[nact] = A->wdata + (int64_t)t * A->K * A->wk;
                 const uint64_t **ap = S->ap + nact * BC_P;
                 if (mimg) {
                     const uint64_t **mp = S->mp + nact * BC_P;
