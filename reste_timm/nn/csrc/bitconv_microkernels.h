@@ -215,27 +215,29 @@ BC_INLINE void avx2_store_sums(const __m256i *s64, int32_t *pc) {
         }
 }
 
+/* The tile's sums into pc, from the packed bits (NIB 0) or the nibble copy (NIB 1, no zero mask), with the
+   loops specialized for one word a tap (64-channel layers). */
+BC_INLINE void avx2_tile(const int NIB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
+                         const uint64_t *const *wt, int64_t wshift, int nact, int64_t K, int32_t *pc) {
+    __m256i s64[BC_P * 4];
+    if (K == 1)
+        avx2_sums(NIB, MASK, ap, mp, wt, wshift, nact, 1, s64);
+    else
+        avx2_sums(NIB, MASK, ap, mp, wt, wshift, nact, K, s64);
+    avx2_store_sums(s64, pc);
+}
+
 BC_INLINE void mk_avx2(const int NB, const int MASK, const uint64_t *const *ap, const uint64_t *const *mp,
                        const uint64_t *const *wt, int64_t wshift, int nact, int64_t bstride, int64_t K, int32_t *pc) {
     (void)NB;
     (void)bstride;
-    __m256i s64[BC_P * 4];
-    if (K == 1)
-        avx2_sums(0, MASK, ap, mp, wt, wshift, nact, 1, s64);
-    else
-        avx2_sums(0, MASK, ap, mp, wt, wshift, nact, K, s64);
-    avx2_store_sums(s64, pc);
+    avx2_tile(0, MASK, ap, mp, wt, wshift, nact, K, pc);
 }
 
-/* The tile's sums from the nibble copy (no zero mask): wt[i] + wshift, tap i's 2 x 16 words per step. */
+/* The tile's sums from the nibble copy: wt[i] + wshift, tap i's 2 x 16 words per step. */
 static void mk_nibbles(const uint64_t *const *ap, const uint64_t *const *wt, int64_t wshift, int nact, int64_t K,
                        int32_t *pc) {
-    __m256i s64[BC_P * 4];
-    if (K == 1)
-        avx2_sums(1, 0, ap, NULL, wt, wshift, nact, 1, s64);
-    else
-        avx2_sums(1, 0, ap, NULL, wt, wshift, nact, K, s64);
-    avx2_store_sums(s64, pc);
+    avx2_tile(1, 0, ap, NULL, wt, wshift, nact, K, pc);
 }
 
 #define BC_DEF_MK(NB, MASK) \
