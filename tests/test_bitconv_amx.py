@@ -10,6 +10,13 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from path_copy_helpers import (
+    assert_copy_epilogues_equal,
+    assert_copy_gives_the_exact_dot,
+    rand_input,
+    run_conv,
+    sign_weight,
+)
 
 import reste_timm
 from reste_timm.deployment import bitwise
@@ -22,34 +29,14 @@ AMX = bitwise.bitwise_available() and bitconv.kernel().amx
 needs_amx = pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX tiles")
 
 
-def _rand(shape, zeros: bool, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    if zeros:
-        x[torch.rand(x.shape, generator=g) < 0.2] = 0.0
-    return x
-
-
-def _weight(co, ci, k, seed: int) -> torch.Tensor:
-    w = torch.randn(co, ci, k, k, generator=torch.Generator().manual_seed(seed + 1000))
-    w[w == 0] = 0.5
-    return w
-
-
-def _run(kern, x, packed, shape, stride, padding, **epilogue):
-    bits, mask, zeros = kern.pack_signs(x)
-    return kern.conv2d(bits, mask if zeros else None, packed, list(shape), [stride, stride],
-                       [padding, padding], 0.37, **epilogue)
-
-
 @needs_amx
 def test_the_copy_is_appended_only_where_the_path_takes_the_layer():
     kern = bitconv.kernel()
     for (co, ci, k), expected in [((64, 64, 3), 64 * 64 * 9), ((128, 200, 3), 128 * 256 * 9),
                                   ((256, 256, 3), 256 * 256 * 9), ((64, 16, 1), 64 * 64),
                                   ((70, 64, 3), 0), ((512, 512, 3), 0), ((64, 64, 7), 0)]:
-        with_copy, _ = kern.pack_weights(_weight(co, ci, k, 0), fast_copy=True)
-        plain, _ = kern.pack_weights(_weight(co, ci, k, 0))
+        with_copy, _ = kern.pack_weights(sign_weight(co, ci, k, 0), fast_copy=True)
+        plain, _ = kern.pack_weights(sign_weight(co, ci, k, 0))
         assert copy_bytes(with_copy) == expected, (co, ci, k)
         assert copy_bytes(plain) == 0
         assert with_copy.numel() * 8 == plain.numel() * 8 + expected
@@ -67,50 +54,29 @@ CASES = [  # (n, c, h, w, co, k, stride, padding)
 @pytest.mark.parametrize("n,c,h,w,co,k,stride,padding", CASES)
 @pytest.mark.parametrize("zeros", [False, True], ids=["nozero", "zeros"])
 def test_amx_equals_the_exact_dot_and_the_popcount_path(n, c, h, w, co, k, stride, padding, zeros):
-    kern = bitconv.kernel()
-    x = _rand((n, c, h, w), zeros, seed=c + h + co).contiguous(memory_format=torch.channels_last)
-    weight = _weight(co, c, k, seed=c + co)
-    with_copy, plain = kern.pack_weights(weight, fast_copy=True)[0], kern.pack_weights(weight)[0]
-    assert copy_bytes(with_copy) > 0
-    exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, stride, padding)
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        y = _run(kern, x, with_copy, weight.shape, stride, padding)[0]
-        assert torch.equal(y, exact.float() * 0.37)  # one rounding of the exact integer
-        assert torch.equal(y, _run(kern, x, plain, weight.shape, stride, padding)[0])
-    torch.set_num_threads(1)
+    x = rand_input((n, c, h, w), zeros, seed=c + h + co).contiguous(memory_format=torch.channels_last)
+    weight = sign_weight(co, c, k, seed=c + co)
+    assert_copy_gives_the_exact_dot(bitconv.kernel(), x, weight, stride, padding)
 
 
 @needs_amx
 @pytest.mark.parametrize("bias,relu,bn,res,out_float", list(itertools.product([False, True], repeat=5)))
 def test_amx_epilogues_equal_the_popcount_paths(bias, relu, bn, res, out_float):
-    kern = bitconv.kernel()
-    g = torch.Generator().manual_seed(3)
-    x = _rand((2, 128, 15, 15), True, seed=4)
-    weight = _weight(128, 128, 3, seed=5)
-    residual = torch.randn(2, 128, 15, 15, generator=g).contiguous(memory_format=torch.channels_last)
-    extra = {"bias": torch.randn(128, generator=g) if bias else None, "relu": relu,
-             "alpha": torch.rand(128, generator=g) + 0.5 if bn else None,
-             "beta": torch.randn(128, generator=g) if bn else None,
-             "residual": residual if res else None, "out_float": out_float, "out_bits": True}
-    outs = [_run(kern, x, kern.pack_weights(weight, fast_copy=amx)[0], weight.shape, 1, 1, **extra)
-            for amx in (True, False)]
-    (y0, b0, m0, z0), (y1, b1, m1, z1) = outs
-    assert torch.equal(y0, y1) and torch.equal(b0, b1) and z0 == z1
-    assert z0 == 0 or torch.equal(m0, m1)
+    assert_copy_epilogues_equal(bitconv.kernel(), rand_input((2, 128, 15, 15), True, seed=4),
+                                sign_weight(128, 128, 3, seed=5), bias, relu, bn, res, out_float)
 
 
 def test_builds_without_the_path_ignore_the_copy():
     """A weight packed with the default build's path copy (the int8 copy where this CPU has AMX, the nibble
     copy on an AVX2 CPU) runs unchanged on a build without AMX and on the portable one."""
-    x = _rand((1, 64, 10, 10), True, seed=1)
-    weight = _weight(64, 64, 3, seed=2)
+    x = rand_input((1, 64, 10, 10), True, seed=1)
+    weight = sign_weight(64, 64, 3, seed=2)
     packed = bitconv.kernel().pack_weights(weight, fast_copy=True)[0]
     exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, 1, 1).float() * 0.37
     for flags in (("-DBITCONV_NO_AMX",), ("-DBITCONV_PORTABLE",)):
         kern = bitwise.kernel(flags)
         assert not kern.amx
-        assert torch.equal(_run(kern, x, packed, weight.shape, 1, 1)[0], exact)
+        assert torch.equal(run_conv(kern, x, packed, weight.shape, 1, 1)[0], exact)
 
 
 @needs_amx

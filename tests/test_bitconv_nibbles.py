@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from path_copy_helpers import (
+    assert_copy_epilogues_equal,
+    assert_copy_gives_the_exact_dot,
+    rand_input,
+    run_conv,
+    sign_weight,
+)
 
 import reste_timm
 from reste_timm.deployment import bitwise
@@ -35,28 +42,12 @@ def kern():
 
 
 def _rand(shape, zeros: bool, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    if zeros:
-        x[torch.rand(x.shape, generator=g) < 0.2] = 0.0
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _weight(co, ci, k, seed: int) -> torch.Tensor:
-    w = torch.randn(co, ci, k, k, generator=torch.Generator().manual_seed(seed + 1000))
-    w[w == 0] = 0.5
-    return w
-
-
-def _run(kern, x, packed, shape, stride, padding, **epilogue):
-    bits, mask, zeros = kern.pack_signs(x)
-    return kern.conv2d(bits, mask if zeros else None, packed, list(shape), [stride, stride],
-                       [padding, padding], 0.37, **epilogue)
+    return rand_input(shape, zeros, seed).contiguous(memory_format=torch.channels_last)
 
 
 def test_the_copy_holds_each_word_as_two_nibble_words(kern):
     for co, ci, k in [(64, 64, 3), (20, 130, 3), (16, 3, 7), (70, 2112, 1)]:
-        weight = _weight(co, ci, k, 0)
+        weight = sign_weight(co, ci, k, 0)
         with_copy, plain = kern.pack_weights(weight, fast_copy=True)[0], kern.pack_weights(weight)[0]
         data = plain[8:int(plain[7])]  # the packed bits: after the 8-word header, up to the popcount table
         assert copy_bytes(plain) == 0 and copy_bytes(with_copy) == 2 * data.numel() * 8
@@ -77,15 +68,7 @@ CASES = [  # (n, c, h, w, co, k, stride, padding): 1, 2, 3, 4 and 33 words a tap
 @pytest.mark.parametrize("zeros", [False, True], ids=["nozero", "zeros"])
 def test_the_copy_gives_the_exact_dot_and_the_bits_path(kern, n, c, h, w, co, k, stride, padding, zeros):
     x = _rand((n, c, h, w), zeros, seed=c + h + co)
-    weight = _weight(co, c, k, seed=c + co)
-    with_copy, plain = kern.pack_weights(weight, fast_copy=True)[0], kern.pack_weights(weight)[0]
-    exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, stride, padding)
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        y = _run(kern, x, with_copy, weight.shape, stride, padding)[0]
-        assert torch.equal(y, exact.float() * 0.37)  # one rounding of the exact integer
-        assert torch.equal(y, _run(kern, x, plain, weight.shape, stride, padding)[0])
-    torch.set_num_threads(1)
+    assert_copy_gives_the_exact_dot(kern, x, sign_weight(co, c, k, seed=c + co), stride, padding)
 
 
 @pytest.mark.parametrize("c", [256, 2112], ids=["rounds-of-taps", "long-taps"])
@@ -96,38 +79,27 @@ def test_the_copy_at_the_largest_popcounts(kern, c):
     weight = -(torch.rand(32, c, 3, 3, generator=g) + 0.1)
     exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, 1, 1).float() * 0.37
     packed = kern.pack_weights(weight, fast_copy=True)[0]
-    assert torch.equal(_run(kern, x, packed, weight.shape, 1, 1)[0], exact)
+    assert torch.equal(run_conv(kern, x, packed, weight.shape, 1, 1)[0], exact)
 
 
 @pytest.mark.parametrize("bias,relu,bn,res,out_float", list(itertools.product([False, True], repeat=5)))
 def test_the_copys_epilogues_equal_the_bits_path(kern, bias, relu, bn, res, out_float):
-    g = torch.Generator().manual_seed(3)
-    x = _rand((2, 80, 9, 9), False, seed=4)
-    weight = _weight(40, 80, 3, seed=5)
-    residual = torch.randn(2, 40, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
-    extra = {"bias": torch.randn(40, generator=g) if bias else None, "relu": relu,
-             "alpha": torch.rand(40, generator=g) + 0.5 if bn else None,
-             "beta": torch.randn(40, generator=g) if bn else None,
-             "residual": residual if res else None, "out_float": out_float, "out_bits": True}
-    outs = [_run(kern, x, kern.pack_weights(weight, fast_copy=copy)[0], weight.shape, 1, 1, **extra)
-            for copy in (True, False)]
-    (y0, b0, m0, z0), (y1, b1, m1, z1) = outs
-    assert torch.equal(y0, y1) and torch.equal(b0, b1) and z0 == z1
-    assert z0 == 0 or torch.equal(m0, m1)
+    assert_copy_epilogues_equal(kern, _rand((2, 80, 9, 9), False, seed=4), sign_weight(40, 80, 3, seed=5),
+                                bias, relu, bn, res, out_float)
 
 
 def test_other_builds_ignore_the_copy(kern):
     """A weight packed with the nibble copy runs unchanged on the portable build (and on the AVX-512 build
     where this CPU has it), and a weight packed with another build's copy runs on the AVX2 build."""
     x = _rand((1, 64, 10, 10), False, seed=1)
-    weight = _weight(64, 64, 3, seed=2)
+    weight = sign_weight(64, 64, 3, seed=2)
     exact = F.conv2d(torch.sign(x).double(), torch.sign(weight).double(), None, 1, 1).float() * 0.37
     packed = kern.pack_weights(weight, fast_copy=True)[0]
     others = [bitwise.kernel(("-DBITCONV_PORTABLE",)), bitconv.kernel()]
     for other in others:
-        assert torch.equal(_run(other, x, packed, weight.shape, 1, 1)[0], exact)
+        assert torch.equal(run_conv(other, x, packed, weight.shape, 1, 1)[0], exact)
         theirs = other.pack_weights(weight, fast_copy=True)[0]
-        assert torch.equal(_run(kern, x, theirs, weight.shape, 1, 1)[0], exact)
+        assert torch.equal(run_conv(kern, x, theirs, weight.shape, 1, 1)[0], exact)
 
 
 @pytest.mark.skipif(not bitwise.bitwise_available() or bitconv.kernel().path != "avx2",
