@@ -7,7 +7,8 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 export PYTHONSAFEPATH=1
-"$venv/bin/reste-timm" configs | grep -q "^digits/resnet20_1w1a_reste "
+"$venv/bin/reste-timm" configs > configs.txt  # whole, then searched: grep -q closing the pipe early broke it
+grep -q "^digits/resnet20_1w1a_reste " configs.txt
 "$venv/bin/reste-timm" train --config digits/resnet20_1w1a_reste --epochs 3 --output-dir D --report-to none
 "$venv/bin/python" - <<'PY'
 import shutil
