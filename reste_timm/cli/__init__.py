@@ -10,6 +10,7 @@ Each subcommand is a module with ``main(argv) -> exit code``, imported only when
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -52,4 +53,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    try:
+        code = module.main(argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, rather than at exit
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``reste-timm configs | head``): stop quietly, as Unix tools do.
+
+    Python's own advice for this case: point stdout at /dev/null so that the flush at exit cannot raise
+    a second time, and exit 1 (there is no traceback to show: nothing went wrong in the command).
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
