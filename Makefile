@@ -12,6 +12,9 @@ endif
 TRAIN_CONFIG ?= digits/resnet20_1w1a_reste
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
+# pytest-xdist workers for the suites (the tests run one torch thread each: one worker per core).
+TEST_JOBS ?= 2
+PYTEST = -m pytest -q -n $(TEST_JOBS) --dist worksteal
 # The lower bounds of pyproject.toml's dependencies, as exact pins (the version-floor run installs them).
 FLOORS = $(shell $(PYTHON) .ci/floors.py)
 
@@ -33,11 +36,11 @@ train: venv
 		--dynamo_backend no -m reste_timm train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) $(PYTEST) tests
 
 # The edit-test loop: everything but the tests marked slow (training processes, compiles).
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) $(PYTEST) -m "not slow" tests
 
 lint: venv
 	$(VENV)/bin/ruff check reste_timm scripts tests benchmarks
@@ -55,7 +58,7 @@ $(MIN_VENV)/.installed: $(VENV)/.installed pyproject.toml .ci/floors.py .ci/shar
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(PY) .ci/share_torch.py $(MIN_VENV)
-	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS) $(FLOORS) pytest onnx onnxscript onnxruntime matplotlib tensorboard
+	$(MIN_VENV)/bin/pip install -q $(TORCH_PINS) $(FLOORS) pytest pytest-xdist onnx onnxscript onnxruntime matplotlib tensorboard
 	touch $@
 
 # The version floors: a second venv holding exactly the lower bounds pyproject.toml declares (and the pinned
@@ -66,7 +69,7 @@ test-min: $(MIN_VENV)/.installed wheel
 	$(MIN_VENV)/bin/pip check
 	$(MIN_VENV)/bin/python .ci/floors.py --check
 	.ci/wheel_check.sh $(MIN_VENV)
-	PYTHONSAFEPATH=1 $(MIN_VENV)/bin/python -m pytest -q -m "not slow" tests
+	PYTHONSAFEPATH=1 $(MIN_VENV)/bin/python $(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) dist outputs .pytest_cache

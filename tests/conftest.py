@@ -52,6 +52,15 @@ for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMER
             "HUGGINGFACE_HUB_CACHE", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
     os.environ.pop(var, None)
 
+if os.environ.get("PYTHONSAFEPATH"):
+    # make test-min tests the installed wheel: nothing (pytest-xdist's workers included) may put the
+    # checkout on the path
+    import reste_timm
+
+    if ROOT in Path(reste_timm.__file__).resolve().parents:
+        raise RuntimeError(f"PYTHONSAFEPATH is set but reste_timm was imported from the checkout: "
+                           f"{reste_timm.__file__}")
+
 
 @pytest.fixture(scope="session")
 def hub():
