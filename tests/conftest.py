@@ -11,6 +11,7 @@ request still aimed at a real host.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,7 @@ if os.environ.get("PYTHONSAFEPATH"):
     # checkout on the path
     import reste_timm
 
-    if ROOT in Path(reste_timm.__file__).resolve().parents:
+    if Path(reste_timm.__file__).resolve().parent == ROOT / "reste_timm":
         raise RuntimeError(f"PYTHONSAFEPATH is set but reste_timm was imported from the checkout: "
                            f"{reste_timm.__file__}")
 
@@ -97,6 +98,17 @@ def make_image_folder(root: Path, n_train=(6, 6), n_val=(4, 3), size=16, seed=0)
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "imgs")
+
+
+def launch_two_cpu_processes() -> list[str]:
+    """``accelerate launch`` of two CPU processes (DDP over gloo) on a free port: the suite's workers run
+    such launches side by side, which would share accelerate's default port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]
 
 
 def run_script(args, timeout=300, env=None, cwd=ROOT) -> subprocess.CompletedProcess:

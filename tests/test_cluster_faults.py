@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import timm
-from conftest import ROOT, run_script
+from conftest import ROOT, launch_two_cpu_processes, run_script
 from train_helpers import (
     FAULTY,
     MODEL,
@@ -288,23 +288,11 @@ def test_failed_upload_keeps_final_says_how_to_retry_and_exits_3(hub, tmp_path, 
 
 # ------------------------------------------------------------------------------------- many processes
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch2():
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port())]
-
-
 @pytest.mark.slow
 def test_exception_on_one_of_two_processes_ends_both(tmp_path):
     start = time.monotonic()
-    proc = run_script(_launch2() + [FAULTY, *TINY, "--output-dir", str(tmp_path / "ddp")], timeout=150,
-                      env=dict(CUDA_VISIBLE_DEVICES="", RESTE_FAULT="raise-on-rank:1:2"))
+    proc = run_script([*launch_two_cpu_processes(), FAULTY, *TINY, "--output-dir", str(tmp_path / "ddp")],
+                      timeout=150, env=dict(CUDA_VISIBLE_DEVICES="", RESTE_FAULT="raise-on-rank:1:2"))
     assert proc.returncode != 0
     shown = proc.stdout + proc.stderr
     assert "RuntimeError: injected fault on rank 1 at training batch 2" in shown
@@ -318,7 +306,7 @@ def test_exception_on_one_of_two_processes_ends_both(tmp_path):
 @pytest.mark.slow
 def test_signal_on_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
     out = tmp_path / "ddp-preempted"
-    proc = run_script(_launch2() + [FAULTY, *ARGS, "--output-dir", str(out)], timeout=150,
+    proc = run_script(launch_two_cpu_processes() + [FAULTY, *ARGS, "--output-dir", str(out)], timeout=150,
                       env=dict(CUDA_VISIBLE_DEVICES="", RESTE_FAULT="signal-at:0:1:SIGTERM:1"))
     assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*75", proc.stderr)  # each one's, reported
     ckpt = out / "checkpoints" / "step_00000002"
@@ -332,8 +320,8 @@ def test_sigterm_to_accelerate_launch_is_passed_to_both_processes(tmp_path):
     out, ready = tmp_path / "ddp-launcher", tmp_path / "ready"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                RESTE_FAULT=f"wait-at:0:1:{ready}")
-    launcher = subprocess.Popen(_launch2() + [FAULTY, *ARGS, "--output-dir", str(out)], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([*launch_two_cpu_processes(), FAULTY, *ARGS, "--output-dir", str(out)],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(ready, launcher)
         launcher.send_signal(signal.SIGTERM)  # only the launcher: torch elastic sends it on to its workers
@@ -374,7 +362,7 @@ def test_each_ranks_error_line_is_one_write(monkeypatch):
 def test_full_disk_on_one_of_two_processes_ends_both_without_a_hang(tmp_path):
     out = tmp_path / "ddp-full"
     start = time.monotonic()
-    proc = run_script(_launch2() + [FAULTY, *ARGS, "--output-dir", str(out)], timeout=150,
+    proc = run_script(launch_two_cpu_processes() + [FAULTY, *ARGS, "--output-dir", str(out)], timeout=150,
                       env=dict(CUDA_VISIBLE_DEVICES="", RESTE_FAULT="enospc:random_states_1.pkl"))
     assert proc.returncode != 0 and time.monotonic() - start < 150
     ckpt, tmp = out / "checkpoints" / "epoch_00001", out / "checkpoints" / ".tmp-epoch_00001"

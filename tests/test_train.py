@@ -7,12 +7,10 @@ folder), so they are the slowest of the suite; they share nothing and clean up i
 from __future__ import annotations
 
 import json
-import socket
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, run_script
+from conftest import ROOT, launch_two_cpu_processes, make_image_folder, run_script
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # every test here launches training or validation processes
@@ -51,18 +49,10 @@ def test_resume_gives_the_same_final_weights(tmp_path):
     assert ma[1]["o"] > ma[0]["o"] > 1.0 - 1e-9
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_processes_train_and_count_each_sample_once(tmp_path):
     data = make_image_folder(tmp_path / "imgs", n_train=(9, 9), n_val=(4, 3))
     out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
+    launch = launch_two_cpu_processes()
     args = [TRAIN, "--dataset", "imagefolder", "--data-path", str(data), "--model", "resnet20_1w1a_reste",
             "--batch-size", "4", "--val-batch-size", "2", "--epochs", "2", "--report-to", "none",
             "--output-dir", str(out)]

@@ -15,8 +15,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import timm
 import torch
 import yaml
 from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, make_image_folder, run_script
+from conftest import ROOT, launch_two_cpu_processes, make_image_folder, run_script
 from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -304,20 +302,12 @@ def test_sync_bn_replaces_every_batchnorm_in_one_process(tmp_path):
     assert not {"BatchNorm1d", "BatchNorm2d"} & seen.modules
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sync_bn_with_two_cpu_processes_is_refused_in_one_line(tmp_path):
     """torch's SyncBatchNorm synchronizes CUDA tensors only (DDP refuses it on CPU): the run says so at
     once instead of ending in a traceback; the one-process conversion is tested above."""
     data = make_image_folder(tmp_path / "imgs", n_train=(9, 9), n_val=(4, 3))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
+    launch = launch_two_cpu_processes()
     args = [OBSERVE, "--dataset", "imagefolder", "--data-path", str(data), "--model", MODEL,
             "--batch-size", "4", "--val-batch-size", "2", "--epochs", "1", "--report-to", "none", "--sync-bn",
             "--output-dir", str(tmp_path / "out")]
