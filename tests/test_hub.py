@@ -240,11 +240,13 @@ def test_unpublished_pretrained_fails_within_seconds_naming_the_model(hub, statu
                                              "model.safetensors")]  # asked once, no retries
 
 
-def test_unpublished_pretrained_offline_says_so(hub):
+def test_unpublished_pretrained_offline_says_so(hub, tmp_path):
+    # An empty Hub cache of its own: tests/test_readme.py downloads these weights from the fake Hub into
+    # the session's cache, and the suite's workers run the files in any order.
     code = ("import timm, reste_timm\n"
             "try:\n    timm.create_model('resnet18_1w1a_reste', pretrained=True)\n"
             "except reste_timm.models.WeightsUnavailableError as e:\n    print(e)")
-    proc = run_script([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "1"})
+    proc = run_script([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert "resnet18_1w1a_reste.in1k: pretrained=True, but not in the local Hub cache, and HF_HUB_OFFLINE" \
         in proc.stdout, proc.stderr[-2000:]
     assert "reste-timm train --config imagenet/resnet18_1w1a_reste" in proc.stdout
