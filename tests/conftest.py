@@ -11,6 +11,7 @@ request still aimed at a real host.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -129,3 +130,14 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from the same random state (torch, numpy, random), whichever tests ran before it:
+    pytest-xdist's workers take the files in any order, and a test must not pass or fail by that."""
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
